@@ -1,0 +1,326 @@
+"""Load the configuration: one server file plus every ``*.yaml`` of its rules folder.
+
+Contract: ``load_config(path)`` reads, validates and builds everything -- zones,
+stages, compiled regexes and templates -- without opening a socket, and returns a
+:class:`Config`; or raises :class:`~horizon_dns.errors.ConfigError` listing every
+problem found (file, line, key, what is wrong, a hint). ``path=None`` loads the
+embedded default (``horizon_dns/default.yaml``), whose rules folder is ``rules/``
+under the current directory and may be absent.
+
+Merging: the server file's own ``aliases``/``zones`` come first, then each rules
+file in lexical order. A zone named in several files gets their stages
+concatenated in that order; an alias or a zone's ``soa`` defined twice is an error.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from dnslib import RR
+from yaml.nodes import MappingNode, Node, ScalarNode
+
+from horizon_dns.config.source import (
+    Section,
+    Where,
+    as_str,
+    int_range,
+    line_of,
+    number_range,
+    parse_yaml,
+    scalar_value,
+)
+from horizon_dns.core.encode import DEFAULT_UDP_PAYLOAD
+from horizon_dns.core.names import text_to_name
+from horizon_dns.core.pipeline import Pipeline, Zone
+from horizon_dns.core.stage import Stage
+from horizon_dns.errors import ConfigError, ConfigIssue
+from horizon_dns.stages import REGISTRY, BuildContext
+
+DEFAULT_LISTEN = ("127.0.0.1:5300", "[::1]:5300")
+EMBEDDED = "<embedded default>"
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(slots=True)
+class Config:
+    """A loaded, validated configuration with its stages built but not started."""
+
+    listen: list[ListenAddress]
+    udp_payload: int = DEFAULT_UDP_PAYLOAD
+    tcp_idle_timeout: float = 10.0
+    tcp_max_connections: int = 256
+    tcp_max_inflight: int = 64
+    shutdown_timeout: float = 5.0
+    aliases: dict[str, str] = field(default_factory=dict)
+    zones: list[Zone] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    warnings: list[ConfigIssue] = field(default_factory=list)
+
+    def pipeline(self) -> Pipeline:
+        return Pipeline(self.zones)
+
+
+def parse_listen(text: str) -> ListenAddress:
+    """``127.0.0.1:5300``, ``[::1]:5300``; a bare address means port 53."""
+    text = text.strip()
+    host, port = text, 53
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"{text!r}: missing ']' after an IPv6 address")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"{text!r}: expected ':PORT' after ']'")
+            port = _port(rest[1:], text)
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+        port = _port(port_text, text)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not an IP address; listen takes addresses such as 127.0.0.1:5300 or [::1]:5300"
+        ) from None
+    return ListenAddress(host, port)
+
+
+def _port(text: str, whole: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise ValueError(f"{whole!r}: port must be a number 0..65535")
+    return int(text)
+
+
+def zone_key(text: str) -> str:
+    """Normalise a zone name; raise ValueError when it is not a domain name."""
+    name = text.strip().lower()
+    if name in ("", "."):
+        return "."
+    if not name.endswith("."):
+        name += "."
+    text_to_name(name)  # raises on empty or over-long labels
+    if ".." in name:
+        raise ValueError(f"{text!r} has an empty label")
+    return name
+
+
+@dataclass(slots=True)
+class _ZoneDraft:
+    stages: list[tuple[Node, Where]] = field(default_factory=list)
+    soa: RR | None = None
+    soa_disabled: bool = False
+    soa_where: str = ""
+
+
+class _Loader:
+    def __init__(self) -> None:
+        self.issues: list[ConfigIssue] = []
+        self.aliases: dict[str, str] = {}
+        self.alias_where: dict[str, str] = {}
+        self.zones: dict[str, _ZoneDraft] = {}
+        self.files: list[str] = []
+
+    def read_file(self, path: Path, text: str | None = None) -> Section | None:
+        file = str(path)
+        self.files.append(file)
+        if text is None:
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                self.issues.append(ConfigIssue(file, 0, "", f"cannot read: {exc}"))
+                return None
+        node = parse_yaml(text, file, self.issues)
+        return Section(node, Where(file, self.issues))
+
+    def read_rules_content(self, section: Section) -> None:
+        """The ``aliases`` and ``zones`` keys shared by the server file and rules files."""
+        aliases = section.section("aliases")
+        for key in aliases.keys():
+            value = aliases.get(key, as_str, hint="an alias maps a name to a host name: hub: nodec")
+            here = f"{aliases.where.file}:{aliases.line(key)}"
+            if key.lower() in self.aliases:
+                aliases.where.child(key).error(
+                    aliases.items[key][0],
+                    f"alias {key!r} is already defined at {self.alias_where[key.lower()]}",
+                    "define each alias once",
+                )
+                continue
+            if value is not None:
+                self.aliases[key.lower()] = value
+                self.alias_where[key.lower()] = here
+        aliases.finish()
+        zones = section.section("zones")
+        for key in zones.keys():
+            where = zones.where.child(key)
+            try:
+                name = zone_key(key)
+            except ValueError as exc:
+                where.error(zones.items[key][0], f"zone {key!r} is not a domain name: {exc}")
+                zones.raw(key)
+                continue
+            self.read_zone(name, zones.section(key))
+        zones.finish()
+
+    def read_zone(self, name: str, zone: Section) -> None:
+        draft = self.zones.setdefault(name, _ZoneDraft())
+        if zone.has("soa"):
+            here = f"{zone.where.file}:{zone.line('soa')}"
+            if draft.soa is not None or draft.soa_disabled:
+                zone.where.child("soa").error(
+                    zone.node_of("soa"), f"soa of zone {name} is already set at {draft.soa_where}"
+                )
+                zone.raw("soa")
+            else:
+                draft.soa_where = here
+                soa_node = zone.raw("soa")
+                if isinstance(soa_node, ScalarNode) and scalar_value(soa_node) is False:
+                    draft.soa_disabled = True
+                else:
+                    draft.soa = _read_soa(name, Section(soa_node, zone.where.child("soa")))
+        stages = zone.sequence("stages")
+        if not zone.has("stages"):
+            zone.where.error(zone.node, f"zone {name} has no stages", "add stages: [ - template: {...} ]")
+        draft.stages.extend(stages)
+        zone.finish()
+
+    def build_zones(self) -> list[Zone]:
+        zones: list[Zone] = []
+        for name, draft in self.zones.items():
+            soa = draft.soa
+            if soa is None and not draft.soa_disabled and name != ".":
+                soa = default_soa(name)
+            stages: list[Stage] = []
+            for index, (node, where) in enumerate(draft.stages):
+                stage = self.build_stage(node, where, BuildContext(name, index, self.aliases, soa))
+                if stage is not None:
+                    stages.append(stage)
+            names = [s.name for s in stages]
+            for dup in sorted({n for n in names if names.count(n) > 1}):
+                self.issues.append(
+                    ConfigIssue(self.files[0], 0, f"zones.{name}", f"two stages are named {dup!r}", "give each stage a distinct name:")
+                )
+            zones.append(Zone(name, stages, soa))
+        return zones
+
+    def build_stage(self, node: Node, where: Where, ctx: BuildContext) -> Stage | None:
+        if not isinstance(node, MappingNode) or len(node.value) != 1:
+            where.error(
+                node,
+                "a stage is a mapping with exactly one key, the stage kind",
+                f"for example '- template: {{...}}'; kinds: {', '.join(REGISTRY)}",
+            )
+            return None
+        key_node, value = node.value[0]
+        kind = scalar_value(key_node) if isinstance(key_node, ScalarNode) else None
+        builder = REGISTRY.get(str(kind))
+        if builder is None:
+            where.error(key_node, f"unknown stage kind {kind!r}", f"kinds: {', '.join(REGISTRY)}")
+            return None
+        return builder(Section(value, where.child(str(kind))), ctx)
+
+
+def default_soa(zone: str) -> RR:
+    """The SOA used for NODATA/NXDOMAIN when the rules give none: 30 s negative TTL."""
+    return RR.fromZone(f"{zone} 30 IN SOA ns.{zone} hostmaster.{zone} 1 3600 600 86400 30")[0]
+
+
+def _read_soa(zone: str, section: Section) -> RR | None:
+    u32 = int_range(0, 2**32 - 1)
+    ttl = section.get("ttl", int_range(0, 2**31 - 1), default=30)
+    mname = section.get("mname", as_str, default=f"ns.{zone}")
+    rname = section.get("rname", as_str, default=f"hostmaster.{zone}")
+    serial = section.get("serial", u32, default=1)
+    refresh = section.get("refresh", u32, default=3600)
+    retry = section.get("retry", u32, default=600)
+    expire = section.get("expire", u32, default=86400)
+    minimum = section.get("minimum", u32, default=30)
+    section.finish()
+    try:
+        text = f"{zone} {ttl} IN SOA {mname} {rname} {serial} {refresh} {retry} {expire} {minimum}"
+        return RR.fromZone(text)[0]
+    except Exception as exc:
+        section.where.error(section.node, f"invalid SOA: {exc}")
+        return None
+
+
+def _read_server(loader: _Loader, section: Section, base: Path, rules_optional: bool) -> Config:
+    listen: list[ListenAddress] = []
+    listen_node = section.node_of("listen")
+    for i, text in enumerate(section.string_list("listen", default=list(DEFAULT_LISTEN))):
+        try:
+            listen.append(parse_listen(text))
+        except ValueError as exc:
+            section.where.child("listen").child(i).error(listen_node, str(exc))
+    config = Config(listen=listen)
+    config.udp_payload = section.get(
+        "udp_payload", int_range(512, 4096), default=DEFAULT_UDP_PAYLOAD,
+        hint="1232 avoids IP fragmentation (DNS Flag Day 2020)",
+    )
+    config.shutdown_timeout = section.get("shutdown_timeout", number_range(0, 600), default=5.0)
+    tcp = section.section("tcp")
+    config.tcp_idle_timeout = tcp.get("idle_timeout", number_range(0.1, 3600), default=10.0)
+    config.tcp_max_connections = tcp.get("max_connections", int_range(1, 65535), default=256)
+    config.tcp_max_inflight = tcp.get("max_inflight", int_range(1, 65535), default=64)
+    tcp.finish()
+    rules = section.get("rules", as_str, default="rules")
+    loader.read_rules_content(section)
+    section.finish()
+    rules_dir = (base / rules) if not os.path.isabs(rules) else Path(rules)
+    if rules_dir.is_dir():
+        for path in sorted(rules_dir.glob("*.yaml")):
+            rules_section = loader.read_file(path)
+            if rules_section is not None:
+                loader.read_rules_content(rules_section)
+                rules_section.finish()
+    elif not rules_optional:
+        section.where.child("rules").error(
+            section.node_of("rules") or section.node,
+            f"rules folder {rules_dir} does not exist",
+            "create it, or point 'rules:' at the folder holding your *.yaml rules",
+        )
+    return config
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load and build a configuration; raise ConfigError listing every problem."""
+    loader = _Loader()
+    if path is None:
+        text = resources.files("horizon_dns").joinpath("default.yaml").read_text(encoding="utf-8")
+        section = loader.read_file(Path(EMBEDDED), text)
+        base, optional = Path.cwd(), True
+    else:
+        section = loader.read_file(Path(path))
+        base, optional = Path(path).resolve().parent, False
+    config = _read_server(loader, section, base, optional) if section is not None else Config([])
+    config.aliases = loader.aliases
+    config.zones = loader.build_zones()
+    config.files = loader.files
+    errors = [i for i in loader.issues if i.severity == "error"]
+    if errors:
+        raise ConfigError(loader.issues)
+    config.warnings = loader.issues
+    return config
+
+
+def describe(config: Config) -> str:
+    """One line a zone, for ``check`` and the start-up log."""
+    lines = [f"listen: {', '.join(str(a) for a in config.listen)}"]
+    for zone in config.zones:
+        stages = ", ".join(stage.name for stage in zone.stages) or "(none)"
+        lines.append(f"zone {zone.name}: {stages}")
+    return "\n".join(lines)
+
+
+__all__ = ["Config", "ListenAddress", "load_config", "describe", "line_of"]

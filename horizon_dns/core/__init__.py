@@ -1,0 +1,1 @@
+"""The sans-I/O core: messages, wire codec, stage contract, pipeline, handler."""

@@ -1,0 +1,72 @@
+"""Domain names between wire form and presentation form (RFC 1035 §3.1, §5.1)."""
+
+from __future__ import annotations
+
+MAX_NAME_WIRE = 255  # RFC 1035 §3.1
+MAX_LABEL = 63  # RFC 1035 §2.3.4
+_SPECIAL = b'.\\"();@$'
+
+
+def name_to_text(wire: bytes) -> str:
+    """Presentation form of a wire name, with trailing dot (RFC 1035 §5.1 escapes)."""
+    if wire == b"\x00":
+        return "."
+    parts: list[str] = []
+    offset = 0
+    while True:
+        length = wire[offset]
+        if length == 0:
+            break
+        label = wire[offset + 1 : offset + 1 + length]
+        offset += 1 + length
+        if all(0x21 <= b <= 0x7E and b not in _SPECIAL for b in label):
+            parts.append(label.decode("ascii"))
+        else:
+            parts.append("".join(_escape_byte(b) for b in label))
+    return ".".join(parts) + "."
+
+
+def _escape_byte(b: int) -> str:
+    if b in _SPECIAL:
+        return "\\" + chr(b)
+    if 0x21 <= b <= 0x7E:
+        return chr(b)
+    return f"\\{b:03d}"
+
+
+def text_to_name(text: str) -> bytes:
+    """Wire form of a presentation name (absolute; a missing final dot is implied)."""
+    if text in (".", ""):
+        return b"\x00"
+    labels: list[bytes] = []
+    current = bytearray()
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":
+            digits = text[i + 1 : i + 4]
+            if len(digits) == 3 and digits.isdigit():
+                current.append(int(digits))
+                i += 4
+                continue
+            current.extend(text[i + 1].encode("latin-1"))
+            i += 2
+            continue
+        if ch == ".":
+            labels.append(bytes(current))
+            current = bytearray()
+        else:
+            current.extend(ch.encode("utf-8"))
+        i += 1
+    if current:
+        labels.append(bytes(current))
+    out = bytearray()
+    for label in labels:
+        if not label or len(label) > MAX_LABEL:
+            raise ValueError(f"bad label in name {text!r}")
+        out.append(len(label))
+        out.extend(label)
+    out.append(0)
+    if len(out) > MAX_NAME_WIRE:
+        raise ValueError(f"name {text!r} longer than 255 bytes")
+    return bytes(out)

@@ -1,0 +1,236 @@
+"""Zones and their stage chains, and CNAME chasing across them. No sockets.
+
+Contract:
+
+* a query belongs to the zone with the longest matching suffix, compared
+  case-insensitively (RFC 4343); the zone ``.`` matches every name;
+* a name in no zone is REFUSED (we are not a resolver for it);
+* a zone's stages run in order, each deciding to answer or to call ``next``; the
+  end of the chain answers NODATA when a stage vouched that the name exists
+  (``Query.name_exists``), SERVFAIL otherwise;
+* when an answer ends in a CNAME and the question was not for CNAME or ANY, the
+  target is resolved through the pipeline again and its records appended, so a
+  stub gets the whole chain in one reply (RFC 1034 §4.3.2 step 3a); chasing is
+  bounded in depth and stops with SERVFAIL on a loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from dnslib import QTYPE, RR
+
+from horizon_dns.core.message import Outcome, Query, Reply
+from horizon_dns.core.names import text_to_name
+from horizon_dns.core.stage import Next, Stage
+from horizon_dns.core.wire import NOERROR, NXDOMAIN, REFUSED, SERVFAIL
+
+MAX_CNAME_DEPTH = 8
+_NO_CHASE = frozenset({QTYPE.CNAME, QTYPE.ANY})
+
+# RFC 8914 §4 info-codes used here.
+EDE_OTHER = 0
+EDE_NOT_AUTHORITATIVE = 20
+
+
+@dataclass(slots=True)
+class Zone:
+    """A zone apex, its stages in order, and the SOA used for negative answers."""
+
+    name: str
+    stages: Sequence[Stage]
+    soa: RR | None = None
+    chain: Next = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.chain = _build_chain(self, list(self.stages))
+
+    @property
+    def recursion_available(self) -> bool:
+        return any(stage.recurses for stage in self.stages)
+
+    def negative_authority(self) -> list[RR]:
+        """The SOA to put in a NODATA/NXDOMAIN authority section (RFC 2308 §3)."""
+        return [self.soa] if self.soa is not None else []
+
+
+def _build_chain(zone: Zone, stages: list[Stage]) -> Next:
+    async def end_of_chain(query: Query) -> Reply:
+        if query.name_exists is not None:
+            query.note(f"end of chain: NODATA ({query.name_exists} vouched the name exists)")
+            return Reply(
+                NOERROR,
+                "pipeline",
+                Outcome.NODATA,
+                f"nodata:{query.name_exists}",
+                authority=zone.negative_authority(),
+                authoritative=zone.soa is not None,
+            )
+        query.note("end of chain: no stage answered -> SERVFAIL")
+        return Reply(
+            SERVFAIL,
+            "pipeline",
+            Outcome.FAILED,
+            "end-of-chain",
+            ede=(EDE_OTHER, f"no stage of zone {zone.name} answered"),
+        )
+
+    chain: Next = end_of_chain
+    for stage in reversed(stages):
+        chain = _link(stage, chain)
+    return chain
+
+
+def _link(stage: Stage, next_: Next) -> Next:
+    async def call(query: Query) -> Reply:
+        if query.trace is not None:
+            query.note(f"stage {stage.name}")
+        return await stage.handle(query, next_)
+
+    return call
+
+
+def _normalise_zone(name: str) -> str:
+    name = name.lower()
+    if name in ("", "."):
+        return "."
+    return name if name.endswith(".") else name + "."
+
+
+class Pipeline:
+    """All zones of a configuration; resolves a Query to a Reply."""
+
+    def __init__(self, zones: Sequence[Zone], max_cname_depth: int = MAX_CNAME_DEPTH) -> None:
+        self.zones = {_normalise_zone(z.name): z for z in zones}
+        self.max_cname_depth = max_cname_depth
+
+    def zone_for(self, name: str) -> Zone | None:
+        """The zone with the longest suffix of ``name`` (lowercase, trailing dot)."""
+        zones = self.zones
+        candidate = name
+        while True:
+            zone = zones.get(candidate)
+            if zone is not None:
+                return zone
+            if candidate == ".":
+                return None
+            dot = _next_label(candidate)
+            candidate = candidate[dot:] if dot < len(candidate) else "."
+
+    @property
+    def stages(self) -> list[Stage]:
+        return [stage for zone in self.zones.values() for stage in zone.stages]
+
+    async def start(self) -> None:
+        for stage in self.stages:
+            await stage.start()
+
+    async def stop(self) -> None:
+        for stage in reversed(self.stages):
+            await stage.stop()
+
+    async def resolve(self, query: Query) -> tuple[Reply, Zone | None]:
+        """Answer ``query``; the zone (if any) tells the edge whether RA is set."""
+        zone = self.zone_for(query.name)
+        if zone is None:
+            query.note(f"{query.name} is in no zone -> REFUSED")
+            return (
+                Reply(
+                    REFUSED,
+                    "pipeline",
+                    Outcome.REFUSED,
+                    "no-zone",
+                    ede=(EDE_NOT_AUTHORITATIVE, "name is in no zone of this server"),
+                ),
+                None,
+            )
+        query.note(f"zone {zone.name}")
+        reply = await zone.chain(query)
+        if reply.rcode == NOERROR and reply.answer and query.qtype not in _NO_CHASE:
+            reply = await self._chase(query, reply)
+        return reply, zone
+
+    async def _chase(self, query: Query, reply: Reply) -> Reply:
+        qtype = query.qtype
+        answer = list(reply.answer)
+        current = query.name
+        seen = {current}
+        rcode = reply.rcode
+        authority = reply.authority
+        while True:
+            target = _cname_target(answer, current)
+            if target is None or _has_rrset(answer, target, qtype):
+                break
+            if target in seen or len(seen) > self.max_cname_depth:
+                why = "CNAME loop" if target in seen else "CNAME chain too long"
+                query.note(f"{why} at {target} -> SERVFAIL")
+                return Reply(
+                    SERVFAIL,
+                    reply.stage,
+                    Outcome.FAILED,
+                    "cname-loop" if target in seen else "cname-too-long",
+                    ede=(EDE_OTHER, f"{why} at {target}"),
+                )
+            seen.add(target)
+            zone = self.zone_for(target)
+            if zone is None:
+                # Not ours: hand the stub the chain so far, as an authority would.
+                query.note(f"CNAME target {target} is in no zone: returned as is")
+                break
+            query.note(f"chase CNAME -> {target}")
+            sub = query.derive(text_to_name(target))
+            sub_reply = await zone.chain(sub)
+            answer.extend(sub_reply.answer)
+            rcode, authority = sub_reply.rcode, sub_reply.authority
+            if rcode != NOERROR:
+                break
+            current = target
+        if answer is reply.answer or (len(answer) == len(reply.answer) and rcode == reply.rcode):
+            return reply
+        outcome = Outcome.ANSWER if rcode == NOERROR else _outcome_for(rcode)
+        return Reply(
+            rcode,
+            reply.stage,
+            outcome,
+            reply.reason,
+            answer=answer,
+            authority=authority,
+            additional=reply.additional,
+            authoritative=reply.authoritative,
+        )
+
+
+def _next_label(name: str) -> int:
+    """Index just past the first label of a presentation name (escapes respected)."""
+    i = 0
+    while i < len(name):
+        ch = name[i]
+        if ch == "\\":
+            i += 4 if name[i + 1 : i + 4].isdigit() else 2
+            continue
+        if ch == ".":
+            return i + 1
+        i += 1
+    return len(name)
+
+
+def _cname_target(answer: list[RR], owner: str) -> str | None:
+    for rr in answer:
+        if rr.rtype == QTYPE.CNAME and str(rr.rname).lower() == owner:
+            return str(rr.rdata.label).lower()
+    return None
+
+
+def _has_rrset(answer: list[RR], owner: str, qtype: int) -> bool:
+    return any(rr.rtype == qtype and str(rr.rname).lower() == owner for rr in answer)
+
+
+def _outcome_for(rcode: int) -> Outcome:
+    if rcode == NXDOMAIN:
+        return Outcome.NXDOMAIN
+    if rcode == REFUSED:
+        return Outcome.REFUSED
+    if rcode == SERVFAIL:
+        return Outcome.FAILED
+    return Outcome.OTHER

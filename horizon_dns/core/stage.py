@@ -1,0 +1,32 @@
+"""The Stage contract: what every pluggable step of a zone's pipeline implements.
+
+A stage either answers (returns a Reply) or defers by awaiting ``next(query)``
+and returning -- possibly after copying and changing -- what comes back. Stages
+never hold a pointer to their neighbour: the pipeline builds the ``next``
+closures once. Sockets and tasks open in ``start()``, never in ``__init__``, so
+``check`` can build every stage without any I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from horizon_dns.core.message import Query, Reply
+
+Next = Callable[[Query], Awaitable[Reply]]
+
+
+class Stage(Protocol):
+    """One step of a zone's pipeline."""
+
+    #: Short, stable name used in Reply.stage, logs and metrics (``template:hub``).
+    name: str
+    #: True when the stage may ask other servers, so replies carry RA=1.
+    recurses: bool
+
+    async def handle(self, query: Query, next: Next) -> Reply: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...

@@ -1,0 +1,189 @@
+"""DNS wire format at the edge: decode a query, encode headers, OPT and error replies.
+
+Contract: ``decode_query(data)`` turns the bytes of one DNS message into a
+:class:`~horizon_dns.core.message.Query` without building any dnslib object, or
+raises one of three exceptions that tell the edge what to do:
+
+* :class:`Drop` -- not worth an answer (shorter than a header, QR=1: RFC 5452 §9
+  and reflection defence);
+* :class:`NotImplementedOpcode` -- opcode other than QUERY: answer NOTIMP (RFC 1035 §4.1.1);
+* :class:`FormatError` -- the header decodes but the rest does not: answer FORMERR
+  with the same ID (RFC 1035 §4.1.1, RFC 6891 §6.1.1 for a second OPT).
+
+Everything here is pure and cheap: ``struct`` over ``bytes``.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from horizon_dns.core.message import Edns, Query
+from horizon_dns.core.names import MAX_LABEL, MAX_NAME_WIRE
+
+HEADER = struct.Struct("!HHHHHH")
+_QTAIL = struct.Struct("!HH")
+_RRFIXED = struct.Struct("!HHIH")
+
+# Flag bits of the second header word (RFC 1035 §4.1.1, RFC 4035 §3.2).
+QR = 0x8000
+AA = 0x0400
+TC = 0x0200
+RD = 0x0100
+RA = 0x0080
+AD = 0x0020
+CD = 0x0010
+OPCODE_MASK = 0x7800
+
+# Response codes (RFC 1035 §4.1.1, RFC 6891 §9).
+NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
+BADVERS = 16
+
+TYPE_OPT = 41
+CLASS_IN = 1
+# RFC 6891 §6.1.4: DO is the top bit of the 16 flag bits inside the OPT TTL.
+EDNS_DO = 0x8000
+
+
+
+class Drop(Exception):
+    """The message gets no reply at all."""
+
+
+class NotImplementedOpcode(Exception):
+    """The opcode is not QUERY; the edge answers NOTIMP."""
+
+    def __init__(self, msg_id: int, flags: int) -> None:
+        super().__init__(f"opcode {(flags & OPCODE_MASK) >> 11} not implemented")
+        self.msg_id = msg_id
+        self.flags = flags
+
+
+class FormatError(Exception):
+    """The header decoded, the rest did not; the edge answers FORMERR."""
+
+    def __init__(self, msg_id: int, flags: int, why: str) -> None:
+        super().__init__(why)
+        self.msg_id = msg_id
+        self.flags = flags
+
+
+def read_name(data: bytes, offset: int) -> tuple[bytes, int]:
+    """Read an uncompressed name at ``offset``; return its wire bytes and the next offset.
+
+    A question is the first name of a message, so it has nothing earlier to point
+    to: a compression pointer there is a format error, as are labels over 63
+    bytes (RFC 1035 §2.3.4) and names over 255 bytes.
+    """
+    start = offset
+    end = len(data)
+    while True:
+        if offset >= end:
+            raise ValueError("name runs past the end of the message")
+        length = data[offset]
+        if length == 0:
+            offset += 1
+            break
+        if length > MAX_LABEL:
+            raise ValueError("compression pointer or bad label length in question name")
+        offset += 1 + length
+    if offset - start > MAX_NAME_WIRE:
+        raise ValueError("name longer than 255 bytes")
+    if offset > end:
+        raise ValueError("name runs past the end of the message")
+    return data[start:offset], offset
+
+
+def skip_name(data: bytes, offset: int) -> int:
+    """Skip a possibly compressed name in a record section; return the next offset."""
+    end = len(data)
+    while True:
+        if offset >= end:
+            raise ValueError("name runs past the end of the message")
+        length = data[offset]
+        if length == 0:
+            return offset + 1
+        if length & 0xC0 == 0xC0:
+            if offset + 2 > end:
+                raise ValueError("truncated compression pointer")
+            return offset + 2
+        if length > MAX_LABEL:
+            raise ValueError("bad label type")
+        offset += 1 + length
+
+
+def decode_query(data: bytes) -> Query:
+    """Decode one query message. Raises Drop, NotImplementedOpcode or FormatError."""
+    if len(data) < HEADER.size:
+        raise Drop("shorter than a DNS header")
+    msg_id, flags, qdcount, ancount, nscount, arcount = HEADER.unpack_from(data)
+    if flags & QR:
+        raise Drop("QR=1: a response, not a query")
+    if flags & OPCODE_MASK:
+        raise NotImplementedOpcode(msg_id, flags)
+    if qdcount != 1:
+        raise FormatError(msg_id, flags, f"QDCOUNT is {qdcount}, must be 1")
+    try:
+        qname_wire, offset = read_name(data, HEADER.size)
+        if offset + 4 > len(data):
+            raise ValueError("question type/class missing")
+        qtype, qclass = _QTAIL.unpack_from(data, offset)
+        question_end = offset + 4
+        offset = question_end
+        for _ in range(ancount + nscount):
+            offset = _skip_rr(data, offset)
+        edns: Edns | None = None
+        for _ in range(arcount):
+            rr_start = offset
+            offset = skip_name(data, offset)
+            if offset + 10 > len(data):
+                raise ValueError("record header runs past the end")
+            rtype, rclass, ttl, rdlength = _RRFIXED.unpack_from(data, offset)
+            offset += 10 + rdlength
+            if offset > len(data):
+                raise ValueError("record data runs past the end")
+            if rtype == TYPE_OPT:
+                # RFC 6891 §6.1.1: exactly one OPT, owned by the root name.
+                if edns is not None:
+                    raise ValueError("more than one OPT record")
+                if data[rr_start] != 0:
+                    raise ValueError("OPT record owner is not the root")
+                edns = Edns(
+                    udp_size=rclass,
+                    version=(ttl >> 16) & 0xFF,
+                    do=bool(ttl & EDNS_DO),
+                    options=data[offset - rdlength : offset],
+                )
+    except ValueError as exc:
+        raise FormatError(msg_id, flags, str(exc)) from None
+    return Query(
+        msg_id=msg_id,
+        flags=flags,
+        qname_wire=qname_wire,
+        qtype=qtype,
+        qclass=qclass,
+        edns=edns,
+        question=data[HEADER.size : question_end],
+    )
+
+
+def _skip_rr(data: bytes, offset: int) -> int:
+    offset = skip_name(data, offset)
+    if offset + 10 > len(data):
+        raise ValueError("record header runs past the end")
+    rdlength = _RRFIXED.unpack_from(data, offset)[3]
+    offset += 10 + rdlength
+    if offset > len(data):
+        raise ValueError("record data runs past the end")
+    return offset
+
+
+def encode_opt(udp_size: int, ext_rcode: int, do: bool, options: bytes = b"") -> bytes:
+    """An OPT pseudo-RR (RFC 6891 §6.1.2): root owner, size in CLASS, flags in TTL."""
+    ttl = (ext_rcode << 24) | (EDNS_DO if do else 0)
+    return b"\x00" + _RRFIXED.pack(TYPE_OPT, udp_size, ttl, len(options)) + options
+
+
+def encode_error(msg_id: int, flags: int, rcode: int) -> bytes:
+    """A header-only reply: ID echoed, opcode and RD copied, QR set (RFC 1035 §4.1.1)."""
+    out_flags = QR | (flags & (OPCODE_MASK | RD)) | (rcode & 0xF)
+    return HEADER.pack(msg_id, out_flags, 0, 0, 0, 0)

@@ -1,0 +1,1 @@
+"""Thin asyncio transports around the sans-I/O handler."""

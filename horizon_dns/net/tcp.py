@@ -1,0 +1,142 @@
+"""TCP listener: length-prefixed messages, pipelined (RFC 7766 §6.2.1.1, §8).
+
+Contract: each message of a connection is handled in its own task and answered
+as soon as it completes, in any order (clients match by ID). A connection
+closes after ``idle_timeout`` seconds with nothing to read or send
+(RFC 7766 §6.2.3). Reading pauses while ``max_inflight`` queries of one
+connection are unanswered. Connections beyond ``max_connections`` are closed
+at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from dataclasses import dataclass
+from typing import cast
+
+from horizon_dns.core.handler import QueryHandler
+from horizon_dns.net.udp import InFlight
+
+log = logging.getLogger("horizon_dns.net.tcp")
+
+_LENGTH = struct.Struct("!H")
+
+
+@dataclass(slots=True)
+class TcpLimits:
+    idle_timeout: float = 10.0
+    max_connections: int = 256
+    max_inflight: int = 64
+
+
+class TcpConnections:
+    """Connection count shared by every TCP listener of a server."""
+
+    def __init__(self, limits: TcpLimits) -> None:
+        self.limits = limits
+        self.open: set[TcpConnection] = set()
+        self.rejected = 0
+
+    def close_all(self) -> None:
+        for conn in list(self.open):
+            conn.close_when_idle()
+
+
+class TcpConnection(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, handler: QueryHandler, inflight: InFlight, conns: TcpConnections) -> None:
+        self.handler = handler
+        self.inflight = inflight
+        self.conns = conns
+        self.transport: asyncio.Transport | None = None
+        self.peer: tuple[str, int] | None = None
+        self.buffer = bytearray()
+        self.pending = 0
+        self.paused = False
+        self.closing = False
+        self.idle: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio's, so no isinstance check.
+        self.transport = transport = cast(asyncio.Transport, transport)
+        if len(self.conns.open) >= self.conns.limits.max_connections:
+            self.conns.rejected += 1
+            transport.abort()
+            return
+        self.conns.open.add(self)
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer = (str(peer[0]), int(peer[1]))
+        self._arm_idle()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.conns.open.discard(self)
+        if self.idle is not None:
+            self.idle.cancel()
+        self.transport = None
+
+    def _arm_idle(self) -> None:
+        if self.idle is not None:
+            self.idle.cancel()
+        loop = asyncio.get_running_loop()
+        self.idle = loop.call_later(self.conns.limits.idle_timeout, self._on_idle)
+
+    def _on_idle(self) -> None:
+        if self.pending == 0 and self.transport is not None:
+            self.transport.close()
+
+    def close_when_idle(self) -> None:
+        """Stop reading; close now if nothing is pending, else after the last reply."""
+        self.closing = True
+        if self.transport is None:
+            return
+        if self.pending == 0:
+            self.transport.close()
+        elif not self.paused:
+            self.transport.pause_reading()
+            self.paused = True
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self.buffer += data
+        self._arm_idle()
+        loop = asyncio.get_running_loop()
+        buffer = self.buffer
+        while len(buffer) >= 2:
+            (length,) = _LENGTH.unpack_from(buffer)
+            if len(buffer) < 2 + length:
+                break
+            message = bytes(buffer[2 : 2 + length])
+            del buffer[: 2 + length]
+            self.pending += 1
+            self.inflight.add(loop.create_task(self._answer(message)))
+        if self.pending >= self.conns.limits.max_inflight and not self.paused and self.transport:
+            self.transport.pause_reading()
+            self.paused = True
+
+    async def _answer(self, message: bytes) -> None:
+        try:
+            reply = await self.handler.handle(message, self.peer, "tcp")
+            transport = self.transport
+            if reply is not None and transport is not None and not transport.is_closing():
+                transport.write(_LENGTH.pack(len(reply)) + reply)
+        finally:
+            self.pending -= 1
+            self._after_reply()
+
+    def _after_reply(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        if self.closing:
+            if self.pending == 0:
+                transport.close()
+            return
+        if self.paused and self.pending < self.conns.limits.max_inflight:
+            transport.resume_reading()
+            self.paused = False
+        self._arm_idle()
