@@ -176,7 +176,7 @@ class TemplateStage:
         assert self.when is not None
         try:
             return bool(self.when(self.variables(query, found)))
-        except jinja2.TemplateError as exc:
+        except Exception as exc:  # templates call methods: any exception may surface
             log.warning("%s: 'when' failed: %s", self.name, exc)
             return False
 
@@ -236,8 +236,8 @@ class TemplateStage:
         for source, template in zip(lines.sources, lines.templates, strict=True):
             try:
                 text = template.render(variables)
-            except jinja2.TemplateError as exc:
-                raise _BadRecord(f"template {source!r} failed: {exc}") from None
+            except Exception as exc:  # templates call methods: any exception may surface
+                raise _BadRecord(f"template {source!r} failed: {type(exc).__name__}: {exc}") from None
             query.note(f"  rendered {text!r}")
             records.extend(self.parse_records(text))
         return records
@@ -456,6 +456,9 @@ def _zone_name(text: str) -> str:
     return text if text.endswith(".") else text + "."
 
 
+_EXAMPLE_HINT = "add 'example: NAME' to test the template with a real name at load time"
+
+
 def _test_render(stage: TemplateStage, where: Where, section: Section, example: str) -> None:
     """Render every line once at load time: against ``example`` or sample groups."""
     if example:
@@ -480,16 +483,21 @@ def _test_render(stage: TemplateStage, where: Where, section: Section, example: 
     for key, lines in (("answer", stage.answer), ("additional", stage.additional), ("authority", stage.authority)):
         for i, (source, template) in enumerate(zip(lines.sources, lines.templates, strict=True)):
             item = where.child(key).child(i)
+            node = item_node(section.node_of(key), i)
             try:
                 text = template.render(variables)
-            except jinja2.TemplateError as exc:
-                item.error(item_node(section.node_of(key), i), f"template {source!r} fails to render: {exc}")
+            except Exception as exc:  # templates call methods: any exception may surface
+                problem = f"template {source!r} fails to render: {type(exc).__name__}: {exc}"
+                if example or isinstance(exc, jinja2.UndefinedError):
+                    item.error(node, problem if not example else f"for example {name}: {problem}")
+                else:
+                    item.warn(node, f"with every group as '0': {problem}", _EXAMPLE_HINT)
                 continue
             try:
                 parse_zone_lines(text, stage.ttl)
             except _BadRecord as exc:
                 if example:
-                    item.error(item_node(section.node_of(key), i), f"for example {name}: {exc}")
+                    item.error(node, f"for example {name}: {exc}")
                 else:
-                    item.warn(item_node(section.node_of(key), i), f"with every group as '0': {exc}", "add example: NAME to test it with a real name")
+                    item.warn(node, f"with every group as '0': {exc}", _EXAMPLE_HINT)
 
