@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from horizon_dns import __version__
 from horizon_dns.config.model import Config, describe, load_config
+from horizon_dns.core.names import text_to_name
 from horizon_dns.errors import ConfigError
 
 log = logging.getLogger("horizon_dns")
@@ -52,14 +53,22 @@ def cmd_check(args: argparse.Namespace) -> int:
     for issue in config.warnings:
         print(f"  {issue}", file=sys.stderr)
     print(describe(config))
-    print(f"ok: {len(config.files)} file(s), {len(config.zones)} zone(s), "
-          f"{sum(len(z.stages) for z in config.zones)} stage(s)")
+    print(
+        f"ok: {len(config.files)} file(s), {len(config.zones)} zone(s), "
+        f"{sum(len(z.stages) for z in config.zones)} stage(s)"
+    )
     return 0
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from horizon_dns.explain import explain
+    from horizon_dns.explain import explain, parse_qtype
 
+    try:
+        parse_qtype(args.type)
+        text_to_name(args.name)
+    except ValueError as exc:
+        print(f"horizon-dns explain: {exc}", file=sys.stderr)
+        return 2
     config = _load(args.config)
     if config is None:
         return 1
@@ -74,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"horizon-dns {__version__}")
     parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"],
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
         help="log verbosity (default info)",
     )
     commands = parser.add_subparsers(dest="command", required=True)

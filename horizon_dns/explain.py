@@ -16,8 +16,24 @@ from horizon_dns.core.message import Query
 from horizon_dns.core.names import text_to_name
 
 
+def parse_qtype(text: str) -> int:
+    """``A``, ``aaaa``, ``TYPE65`` or a number; ValueError otherwise."""
+    upper = text.upper()
+    if upper.isdigit() or (upper.startswith("TYPE") and upper[4:].isdigit()):
+        code = int(upper.removeprefix("TYPE"))
+    else:
+        found = QTYPE.reverse.get(upper)
+        if found is None:
+            raise ValueError(f"unknown query type {text!r}")
+        code = int(found)
+    if not 0 <= code <= 65535:
+        raise ValueError(f"query type {text!r} is out of range")
+    return code
+
+
 async def explain(config: Config, name: str, qtype: str, client: str) -> tuple[str, int]:
-    type_code = int(getattr(QTYPE, qtype.upper()))
+    """Run one query with tracing on; return the printable trace and the rcode."""
+    type_code = parse_qtype(qtype)
     wire = text_to_name(name)
     query = Query(0, 0x0100, wire, type_code, 1, question=wire + type_code.to_bytes(2, "big") + b"\x00\x01")
     query.client = (client, 0)

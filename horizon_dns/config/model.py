@@ -147,7 +147,7 @@ class _Loader:
     def read_rules_content(self, section: Section) -> None:
         """The ``aliases`` and ``zones`` keys shared by the server file and rules files."""
         aliases = section.section("aliases")
-        for key in aliases.keys():
+        for key in aliases.names():
             value = aliases.get(key, as_str, hint="an alias maps a name to a host name: hub: nodec")
             here = f"{aliases.where.file}:{aliases.line(key)}"
             if key.lower() in self.aliases:
@@ -162,7 +162,7 @@ class _Loader:
                 self.alias_where[key.lower()] = here
         aliases.finish()
         zones = section.section("zones")
-        for key in zones.keys():
+        for key in zones.names():
             where = zones.where.child(key)
             try:
                 name = zone_key(key)
@@ -209,7 +209,13 @@ class _Loader:
             names = [s.name for s in stages]
             for dup in sorted({n for n in names if names.count(n) > 1}):
                 self.issues.append(
-                    ConfigIssue(self.files[0], 0, f"zones.{name}", f"two stages are named {dup!r}", "give each stage a distinct name:")
+                    ConfigIssue(
+                        self.files[0],
+                        0,
+                        f"zones.{name}",
+                        f"two stages are named {dup!r}",
+                        "give each stage a distinct name:",
+                    )
                 )
             zones.append(Zone(name, stages, soa))
         return zones
@@ -265,7 +271,9 @@ def _read_server(loader: _Loader, section: Section, base: Path, rules_optional: 
             section.where.child("listen").child(i).error(listen_node, str(exc))
     config = Config(listen=listen)
     config.udp_payload = section.get(
-        "udp_payload", int_range(512, 4096), default=DEFAULT_UDP_PAYLOAD,
+        "udp_payload",
+        int_range(512, 4096),
+        default=DEFAULT_UDP_PAYLOAD,
         hint="1232 avoids IP fragmentation (DNS Flag Day 2020)",
     )
     config.shutdown_timeout = section.get("shutdown_timeout", number_range(0, 600), default=5.0)
@@ -323,4 +331,4 @@ def describe(config: Config) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Config", "ListenAddress", "load_config", "describe", "line_of"]
+__all__ = ["Config", "ListenAddress", "describe", "line_of", "load_config"]

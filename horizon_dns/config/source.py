@@ -126,7 +126,7 @@ class Section:
                 continue
             self.items[key] = (key_node, value_node)
 
-    def keys(self) -> list[str]:
+    def names(self) -> list[str]:
         return list(self.items)
 
     def has(self, key: str) -> bool:

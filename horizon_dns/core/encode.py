@@ -80,9 +80,7 @@ def encode_reply(
         arcount += 1
     data = bytes(buf.data)
     if len(data) <= limit:
-        header = HEADER.pack(
-            query.msg_id, flags, 1, len(reply.answer), len(reply.authority), arcount
-        )
+        header = HEADER.pack(query.msg_id, flags, 1, len(reply.answer), len(reply.authority), arcount)
         return header + data[HEADER.size :]
     return truncated(query, flags, opt)
 

@@ -49,9 +49,7 @@ class QueryHandler:
         self.malformed: collections.Counter[str] = collections.Counter()
         self.observers: list[ReplyObserver] = []
 
-    async def handle(
-        self, data: bytes, client: tuple[str, int] | None, transport: str
-    ) -> bytes | None:
+    async def handle(self, data: bytes, client: tuple[str, int] | None, transport: str) -> bytes | None:
         try:
             query = decode_query(data)
         except Drop:

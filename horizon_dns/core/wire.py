@@ -44,7 +44,6 @@ CLASS_IN = 1
 EDNS_DO = 0x8000
 
 
-
 class Drop(Exception):
     """The message gets no reply at all."""
 

@@ -42,16 +42,16 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import jinja2
 import jinja2.meta
 import jinja2.nodes
 import jinja2.sandbox
-from yaml.nodes import Node
 from dnslib import CLASS, QTYPE, RCODE, RR, DNSBuffer
+from yaml.nodes import Node
 
 from horizon_dns.config.source import Section, Where, as_bool, as_str, int_range, item_node
 from horizon_dns.core.message import Outcome, Query, Reply
@@ -79,9 +79,7 @@ def _alias_filter(aliases: dict[str, str]) -> Any:
 
 def make_environment(aliases: dict[str, str]) -> jinja2.Environment:
     """A sandboxed Jinja2 environment where any undefined name is an error."""
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        undefined=jinja2.StrictUndefined, autoescape=False
-    )
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False)
     env.filters["alias"] = _alias_filter(aliases)
     return env
 
@@ -291,27 +289,27 @@ def _qtype(text: str) -> int:
         return ANY
     if upper.startswith("TYPE") and upper[4:].isdigit():
         return int(upper[4:])
-    try:
-        return int(getattr(QTYPE, upper))
-    except AttributeError:
-        raise ValueError(f"unknown record type {text!r}") from None
+    code = QTYPE.reverse.get(upper)
+    if code is None:
+        raise ValueError(f"unknown record type {text!r}")
+    return int(code)
 
 
 def _qclass(text: str) -> int:
     upper = text.upper()
     if upper == "ANY":
         return ANY
-    try:
-        return int(getattr(CLASS, upper))
-    except AttributeError:
-        raise ValueError(f"unknown class {text!r}; use IN, CH or ANY") from None
+    code = CLASS.reverse.get(upper)
+    if code is None:
+        raise ValueError(f"unknown class {text!r}; use IN, CH or ANY")
+    return int(code)
 
 
 def _rcode(text: str) -> int:
-    try:
-        return int(getattr(RCODE, str(text).upper()))
-    except AttributeError:
-        raise ValueError(f"unknown rcode {text!r}; use NOERROR, NXDOMAIN, REFUSED, SERVFAIL") from None
+    code = RCODE.reverse.get(str(text).upper())
+    if code is None:
+        raise ValueError(f"unknown rcode {text!r}; use NOERROR, NXDOMAIN, REFUSED, SERVFAIL")
+    return int(code)
 
 
 def _compile_lines(
@@ -326,7 +324,9 @@ def _compile_lines(
         try:
             ast = env.parse(source)
         except jinja2.TemplateSyntaxError as exc:
-            item_where.error(item_node(node, i), f"template syntax error: {exc.message}", "check {{ }} and {% %} pairs")
+            item_where.error(
+                item_node(node, i), f"template syntax error: {exc.message}", "check {{ }} and {% %} pairs"
+            )
             continue
         if not _check_references(ast, item_where, item_node(node, i), groups, ngroups):
             continue
@@ -342,11 +342,15 @@ def _check_references(
     """Report unknown variables and groups a template uses; True when all are known."""
     ok = True
     for variable in sorted(jinja2.meta.find_undeclared_variables(ast) - _VARIABLES):
-        where.error(node, f"unknown template variable {variable!r}", f"available: {', '.join(sorted(_VARIABLES))}")
+        where.error(
+            node, f"unknown template variable {variable!r}", f"available: {', '.join(sorted(_VARIABLES))}"
+        )
         ok = False
     for ref in _group_references(ast):
         if isinstance(ref, str) and ref not in groups:
-            hint = f"named groups: {', '.join(sorted(groups))}" if groups else "the regexes have no named groups"
+            hint = (
+                f"named groups: {', '.join(sorted(groups))}" if groups else "the regexes have no named groups"
+            )
             where.error(node, f"group {ref!r} is not a named group of any match regex", hint)
             ok = False
         elif isinstance(ref, int) and ref > ngroups:
@@ -365,7 +369,11 @@ def _compile_when(
     try:
         ast = env.parse("{{ " + source + " }}")
     except jinja2.TemplateSyntaxError as exc:
-        where.error(node, f"expression syntax error: {exc.message}", "write a Jinja expression such as: group.h in alias")
+        where.error(
+            node,
+            f"expression syntax error: {exc.message}",
+            "write a Jinja expression such as: group.h in alias",
+        )
         return None
     if not _check_references(ast, where, node, groups, ngroups):
         return None
@@ -373,19 +381,19 @@ def _compile_when(
 
 
 def _group_references(ast: jinja2.nodes.Template) -> list[str | int]:
+    """Group names and indexes a template reads: ``group.h``, ``group['h']``, ``match[1]``."""
     refs: list[str | int] = []
-    for node in ast.find_all((jinja2.nodes.Getattr, jinja2.nodes.Getitem)):
-        target = node.node
-        if not isinstance(target, jinja2.nodes.Name):
+    for node in ast.find_all(jinja2.nodes.Getattr):
+        if isinstance(node.node, jinja2.nodes.Name) and node.node.name == "group":
+            refs.append(node.attr)
+    for item in ast.find_all(jinja2.nodes.Getitem):
+        target, arg = item.node, item.arg
+        if not isinstance(target, jinja2.nodes.Name) or not isinstance(arg, jinja2.nodes.Const):
             continue
-        if target.name == "group":
-            if isinstance(node, jinja2.nodes.Getattr):
-                refs.append(node.attr)
-            elif isinstance(node.arg, jinja2.nodes.Const) and isinstance(node.arg.value, str):
-                refs.append(node.arg.value)
-        elif target.name == "match" and isinstance(node, jinja2.nodes.Getitem):
-            if isinstance(node.arg, jinja2.nodes.Const) and isinstance(node.arg.value, int):
-                refs.append(node.arg.value)
+        if (target.name == "group" and isinstance(arg.value, str)) or (
+            target.name == "match" and isinstance(arg.value, int)
+        ):
+            refs.append(arg.value)
     return refs
 
 
@@ -412,7 +420,9 @@ def build(section: Section, ctx: BuildContext) -> TemplateStage | None:
     match_where = section.where.child("match")
     for i, source in enumerate(section.string_list("match", default=[".*"])):
         if len(source) > MAX_REGEX_LENGTH:
-            match_where.child(i).error(item_node(section.node_of("match"), i), f"regex longer than {MAX_REGEX_LENGTH} characters")
+            match_where.child(i).error(
+                item_node(section.node_of("match"), i), f"regex longer than {MAX_REGEX_LENGTH} characters"
+            )
             continue
         try:
             patterns.append(re.compile(source))
@@ -444,8 +454,21 @@ def build(section: Section, ctx: BuildContext) -> TemplateStage | None:
         )
         return None
     stage = TemplateStage(
-        name, ctx.zone, qclass, frozenset(qtypes), zones, patterns, answer, additional,
-        authority, rcode, ttl, fallthrough, ctx.aliases, ctx.soa, when,
+        name,
+        ctx.zone,
+        qclass,
+        frozenset(qtypes),
+        zones,
+        patterns,
+        answer,
+        additional,
+        authority,
+        rcode,
+        ttl,
+        fallthrough,
+        ctx.aliases,
+        ctx.soa,
+        when,
     )
     _test_render(stage, section.where, section, example)
     return stage
@@ -465,7 +488,9 @@ def _test_render(stage: TemplateStage, where: Where, section: Section, example: 
         name = _zone_name(example)
         found = stage.matches_name(name)
         if found is None:
-            where.child("example").error(section.node_of("example"), f"example {name} matches no regex of this template")
+            where.child("example").error(
+                section.node_of("example"), f"example {name} matches no regex of this template"
+            )
             return
     else:
         name = f"sample.{stage.zone}" if stage.zone != "." else "sample."
@@ -480,7 +505,11 @@ def _test_render(stage: TemplateStage, where: Where, section: Section, example: 
         variables = stage.variables(query, re.match(".*", name))  # type: ignore[arg-type]
         variables["group"] = {g: "0" for p in stage.patterns for g in p.groupindex}
         variables["match"] = ["0"] * (1 + max((p.groups for p in stage.patterns), default=0))
-    for key, lines in (("answer", stage.answer), ("additional", stage.additional), ("authority", stage.authority)):
+    for key, lines in (
+        ("answer", stage.answer),
+        ("additional", stage.additional),
+        ("authority", stage.authority),
+    ):
         for i, (source, template) in enumerate(zip(lines.sources, lines.templates, strict=True)):
             item = where.child(key).child(i)
             node = item_node(section.node_of(key), i)
@@ -500,4 +529,3 @@ def _test_render(stage: TemplateStage, where: Where, section: Section, example: 
                     item.error(node, f"for example {name}: {exc}")
                 else:
                     item.warn(node, f"with every group as '0': {exc}", _EXAMPLE_HINT)
-

@@ -1,0 +1,49 @@
+"""Sans-I/O helpers: build configs from YAML text and queries from names."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+from dnslib import QTYPE
+
+from horizon_dns.config.model import Config, load_config
+from horizon_dns.core.message import Edns, Query
+from horizon_dns.core.names import text_to_name
+
+
+def write_config(tmp: Path, rules: str | dict[str, str], server: str = "") -> Path:
+    """A server file plus rules file(s) under ``tmp``; return the server file's path."""
+    rules_dir = tmp / "rules"
+    rules_dir.mkdir(exist_ok=True)
+    files = rules if isinstance(rules, dict) else {"10-test.yaml": rules}
+    for name, text in files.items():
+        (rules_dir / name).write_text(textwrap.dedent(text))
+    config = tmp / "horizon.yaml"
+    config.write_text("rules: rules\n" + textwrap.dedent(server))
+    return config
+
+
+def config_from(tmp: Path, rules: str | dict[str, str], server: str = "") -> Config:
+    return load_config(write_config(tmp, rules, server))
+
+
+def make_query(
+    name: str,
+    qtype: str | int = "A",
+    qclass: int = 1,
+    client: str = "127.0.0.1",
+    edns: bool = False,
+) -> Query:
+    code = qtype if isinstance(qtype, int) else int(getattr(QTYPE, qtype))
+    wire = text_to_name(name)
+    return Query(
+        msg_id=4242,
+        flags=0x0100,
+        qname_wire=wire,
+        qtype=code,
+        qclass=qclass,
+        edns=Edns(1232, 0, False) if edns else None,
+        question=wire + code.to_bytes(2, "big") + qclass.to_bytes(2, "big"),
+        client=(client, 5353),
+    )

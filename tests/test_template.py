@@ -1,0 +1,309 @@
+"""The template stage, table-driven through the real pipeline (no sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from dnslib import QTYPE
+from helpers import config_from, make_query
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from horizon_dns.core.handler import QueryHandler
+from horizon_dns.core.message import Outcome, Query, Reply
+from horizon_dns.core.pipeline import Pipeline
+from horizon_dns.core.wire import NOERROR, NXDOMAIN, REFUSED, SERVFAIL
+from horizon_dns.stages.template import TemplateStage
+
+RULES = r"""
+aliases:
+  hub: nodec
+zones:
+  example.:
+    stages:
+      - template:
+          name: ip
+          type: [A]
+          match: ['^ip-(?P<a>\d+)-(?P<b>\d+)-(?P<c>\d+)-(?P<d>\d+)\.example\.$']
+          answer: ['{{ name }} 60 IN A {{ group.a }}.{{ group.b }}.{{ group.c }}.{{ group.d }}']
+          example: ip-10-95-12-8.example
+      - template:
+          name: full
+          type: [A]
+          match: ['^full\.example\.$']
+          answer: ['{{ name }} 30 IN A 192.0.2.1']
+          additional: ['ns.example. 30 IN A 192.0.2.53']
+          authority: ['example. 30 IN NS ns.example.']
+      - template:
+          name: gone
+          match: ['^gone\.example\.$']
+          rcode: NXDOMAIN
+          authority: ['example. 60 IN SOA ns.example. hostmaster.example. 7 3600 600 86400 45']
+      - template:
+          name: gone-auto
+          match: ['^gone2\.example\.$']
+          rcode: NXDOMAIN
+      - template:
+          name: broken
+          type: [A]
+          match: ['^broken-(?P<x>[a-z]+)\.example\.$']
+          answer: ['{{ name }} 60 IN A {{ group.x }}']
+      - template:
+          name: client
+          type: [TXT]
+          match: ['^whoami\.example\.$']
+          answer: ['{{ name }} 0 IN TXT "{{ client }}"']
+      - template:
+          name: chaos
+          class: CH
+          type: [TXT]
+          match: ['^version\.example\.$']
+          answer: ['{{ name }} 0 CH TXT "horizon"']
+      - template:
+          name: cname
+          type: [A, AAAA]
+          match: ['^(?P<p>[^.]+)\.(?P<h>[^.]+)\.example\.$']
+          answer: ['{{ name }} 60 IN CNAME {{ group.h | alias }}.example.']
+      - template:
+          name: loop
+          type: [A]
+          match: ['^loop(?P<n>[12])\.example\.$']
+          answer: ["{{ name }} 60 IN CNAME loop{{ '2' if group.n == '1' else '1' }}.example."]
+      - template:
+          name: hosts
+          type: [A]
+          match: ['^(?P<h>node[a-z])\.example\.$']
+          when: group.h != 'nodez'
+          answer: ['{{ name }} 60 IN A 100.64.0.7']
+      - template:
+          name: fallback
+          type: [A]
+          answer: ['{{ name }} 5 IN A 192.0.2.99']
+  strict.test:
+    stages:
+      - template:
+          name: strict
+          type: [A]
+          match: ['^s\d+\.strict\.test\.$']
+          answer: ['{{ name }} 60 IN A 192.0.2.2']
+          fallthrough: false
+      - template:
+          name: never
+          answer: ['{{ name }} 60 IN A 192.0.2.3']
+  refused.test:
+    stages:
+      - template:
+          name: deny
+          rcode: REFUSED
+"""
+
+
+@dataclass
+class Case:
+    name: str
+    qtype: str = "A"
+    rcode: int = NOERROR
+    answer: list[str] = field(default_factory=list)
+    authority: list[str] = field(default_factory=list)
+    additional: list[str] = field(default_factory=list)
+    stage: str | None = None
+    outcome: Outcome | None = None
+    qclass: int = 1
+
+
+CASES = [
+    Case("ip-10-95-12-8.example.", answer=["ip-10-95-12-8.example. 60 IN A 10.95.12.8"], stage="template:ip"),
+    Case(
+        "full.example.",
+        answer=["full.example. 30 IN A 192.0.2.1"],
+        authority=["example. 30 IN NS ns.example."],
+        additional=["ns.example. 30 IN A 192.0.2.53"],
+    ),
+    Case(
+        "gone.example.",
+        rcode=NXDOMAIN,
+        authority=["example. 60 IN SOA ns.example. hostmaster.example. 7 3600 600 86400 45"],
+        outcome=Outcome.NXDOMAIN,
+    ),
+    # Without authority lines the zone's SOA goes in, for negative caching (RFC 2308 §3).
+    Case(
+        "gone2.example.",
+        qtype="AAAA",
+        rcode=NXDOMAIN,
+        authority=["example. 30 IN SOA ns.example. hostmaster.example. 1 3600 600 86400 30"],
+    ),
+    Case("anything.refused.test.", qtype="MX", rcode=REFUSED, stage="template:deny", outcome=Outcome.REFUSED),
+    Case("whoami.example.", qtype="TXT", answer=['whoami.example. 0 IN TXT "198.51.100.7"']),
+    # Alias map: grafana.hub -> nodec; then the CNAME target is chased to an A record.
+    Case(
+        "grafana.hub.example.",
+        answer=["grafana.hub.example. 60 IN CNAME nodec.example.", "nodec.example. 60 IN A 100.64.0.7"],
+    ),
+    Case(
+        "www.nodeb.example.",
+        answer=["www.nodeb.example. 60 IN CNAME nodeb.example.", "nodeb.example. 60 IN A 100.64.0.7"],
+    ),
+    # `when` false: counts as no match, the next template answers.
+    Case("nodez.example.", answer=["nodez.example. 5 IN A 192.0.2.99"], stage="template:fallback"),
+    # No regex matched, fallthrough (default) -> next stage answers.
+    Case("unmatched.example.", answer=["unmatched.example. 5 IN A 192.0.2.99"], stage="template:fallback"),
+    # Class mismatch passes on; the CH template answers CH.
+    Case("version.example.", qtype="TXT", qclass=3, answer=['version.example. 0 CH TXT "horizon"']),
+    # A CNAME chain that loops is SERVFAIL, not an endless chase.
+    Case("loop1.example.", rcode=SERVFAIL, stage="template:loop", outcome=Outcome.FAILED),
+    # A rendered line that is not a record -> SERVFAIL.
+    Case("broken-abc.example.", rcode=SERVFAIL, stage="template:broken", outcome=Outcome.FAILED),
+]
+
+
+def _text(records: list) -> list[str]:  # type: ignore[type-arg]
+    return [" ".join(rr.toZone().split()) for rr in records]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
+    return config_from(tmp_path_factory.mktemp("tpl"), RULES).pipeline()
+
+
+def resolve(pipeline: Pipeline, query: Query) -> Reply:
+    return asyncio.run(pipeline.resolve(query))[0]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.name}{c.qtype}")
+def test_template_table(pipeline: Pipeline, case: Case) -> None:
+    reply = resolve(pipeline, make_query(case.name, case.qtype, case.qclass, client="198.51.100.7"))
+    assert reply.rcode == case.rcode, reply
+    assert _text(reply.answer) == [" ".join(x.split()) for x in case.answer]
+    assert _text(reply.authority) == [" ".join(x.split()) for x in case.authority]
+    assert _text(reply.additional) == [" ".join(x.split()) for x in case.additional]
+    if case.stage:
+        assert reply.stage == case.stage
+    if case.outcome:
+        assert reply.outcome is case.outcome
+
+
+def test_no_match_without_fallthrough_is_servfail(pipeline: Pipeline) -> None:
+    reply = resolve(pipeline, make_query("other.strict.test."))
+    assert reply.rcode == SERVFAIL and reply.stage == "template:strict"
+    stage = next(s for s in pipeline.stages if s.name == "template:strict")
+    assert isinstance(stage, TemplateStage)
+    called = []
+
+    async def next_(query: Query) -> Reply:
+        called.append(query)
+        return Reply(NOERROR, "next", Outcome.ANSWER, "next")
+
+    reply = asyncio.run(stage.handle(make_query("other.strict.test."), next_))
+    assert reply.rcode == SERVFAIL and reply.reason == "template:strict:no-match"
+    assert called == []
+    reply = asyncio.run(stage.handle(make_query("s1.strict.test."), next_))
+    assert reply.rcode == NOERROR and called == []
+
+
+def test_type_mismatch_passes_on_and_ends_in_nodata(pipeline: Pipeline) -> None:
+    # nodeb matches `hosts` (A only); for MX nothing answers, but the name exists:
+    # NODATA with the zone SOA, never NXDOMAIN or SERVFAIL (RFC 2308 §2.2).
+    reply = resolve(pipeline, make_query("nodeb.example.", "MX"))
+    assert reply.rcode == NOERROR and reply.answer == []
+    assert reply.outcome is Outcome.NODATA
+    assert [rr.rtype for rr in reply.authority] == [QTYPE.SOA]
+
+
+def test_stage_mismatch_calls_next_exactly_once(pipeline: Pipeline) -> None:
+    stage = next(s for s in pipeline.stages if s.name == "template:ip")
+    seen: list[str] = []
+
+    async def next_(query: Query) -> Reply:
+        seen.append(query.name)
+        return Reply(NXDOMAIN, "next", Outcome.NXDOMAIN, "next")
+
+    reply = asyncio.run(stage.handle(make_query("ip-1-2-3-4.example.", "TXT"), next_))
+    assert seen == ["ip-1-2-3-4.example."] and reply.stage == "next"
+    seen.clear()
+    reply = asyncio.run(stage.handle(make_query("ip-1-2-3-4.example.", "A", qclass=3), next_))
+    assert seen == ["ip-1-2-3-4.example."]
+
+
+def test_bad_record_is_logged_and_counted(pipeline: Pipeline, caplog: pytest.LogCaptureFixture) -> None:
+    handler = QueryHandler(pipeline)
+    query = make_query("broken-xyz.example.")
+    with caplog.at_level(logging.WARNING, logger="horizon_dns.stages.template"):
+        wire = asyncio.run(handler.answer(query))
+    assert wire[3] & 0xF == SERVFAIL
+    assert handler.replies[("template:broken", "failed", "template:broken:bad-record")] == 1
+    assert "is not a valid record" in caplog.text
+
+
+def test_question_case_is_matched_lowercase(pipeline: Pipeline) -> None:
+    reply = resolve(pipeline, make_query("IP-10-1-2-3.ExAmPlE."))
+    assert _text(reply.answer) == ["ip-10-1-2-3.example. 60 IN A 10.1.2.3"]
+
+
+# Properties -------------------------------------------------------------------
+
+octet = st.integers(0, 255)
+
+
+@settings(max_examples=200, deadline=None)
+@given(a=octet, b=octet, c=octet, d=octet)
+def test_ip_template_renders_the_address_in_the_name(
+    pipeline: Pipeline, a: int, b: int, c: int, d: int
+) -> None:
+    reply = resolve(pipeline, make_query(f"ip-{a}-{b}-{c}-{d}.example."))
+    assert [str(rr.rdata) for rr in reply.answer] == [f"{a}.{b}.{c}.{d}"]
+
+
+label = st.from_regex(r"\A[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?\Z")
+
+
+@settings(max_examples=200, deadline=None)
+@given(prefix=label, host=label)
+def test_cname_target_is_alias_or_host(pipeline: Pipeline, prefix: str, host: str) -> None:
+    if prefix.startswith("ip-") or host in ("refused",):
+        return
+    reply = resolve(pipeline, make_query(f"{prefix}.{host}.example."))
+    first = reply.answer[0]
+    assert first.rtype == QTYPE.CNAME
+    expected = "nodec" if host == "hub" else host
+    assert str(first.rdata.label) == f"{expected}.example."
+
+
+any_name = st.lists(st.binary(min_size=1, max_size=20), min_size=0, max_size=6).map(
+    lambda labels: b"".join(bytes([len(x)]) + x for x in labels) + b"\x00"
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(wire=any_name, qtype=st.integers(0, 65535), qclass=st.sampled_from([1, 3, 4, 254, 255, 42]))
+def test_every_stage_returns_a_reply_for_any_query(
+    pipeline: Pipeline, wire: bytes, qtype: int, qclass: int
+) -> None:
+    query = Query(
+        1, 0x0100, wire, qtype, qclass, question=wire + qtype.to_bytes(2, "big") + qclass.to_bytes(2, "big")
+    )
+    reply, _zone = asyncio.run(pipeline.resolve(query))
+    assert isinstance(reply, Reply)
+    assert 0 <= reply.rcode < 4096
+
+
+def test_template_compiles_with_tmp_path(tmp_path: Path) -> None:
+    """A `when` expression and the alias filter work from a freshly loaded config."""
+    config = config_from(
+        tmp_path,
+        r"""
+        aliases: {printer: laserjet}
+        zones:
+          lan.:
+            stages:
+              - template:
+                  match: ['^(?P<h>[^.]+)\.lan\.$']
+                  when: group.h in alias
+                  answer: ['{{ name }} 60 IN CNAME {{ group.h | alias }}.lan.']
+        """,
+    )
+    reply = resolve(config.pipeline(), make_query("printer.lan.", "CNAME"))
+    assert _text(reply.answer) == ["printer.lan. 60 IN CNAME laserjet.lan."]
