@@ -133,7 +133,7 @@ class _Loader:
         self.files: list[str] = []
 
     def read_file(self, path: Path, text: str | None = None) -> Section | None:
-        file = str(path)
+        file = _display(path)
         self.files.append(file)
         if text is None:
             try:
@@ -237,6 +237,16 @@ class _Loader:
         return builder(Section(value, where.child(str(kind))), ctx)
 
 
+def _display(path: Path) -> str:
+    """The path as a user would type it: relative to the current folder when inside it."""
+    if not path.is_absolute():
+        return str(path)
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def default_soa(zone: str) -> RR:
     """The SOA used for NODATA/NXDOMAIN when the rules give none: 30 s negative TTL."""
     return RR.fromZone(f"{zone} 30 IN SOA ns.{zone} hostmaster.{zone} 1 3600 600 86400 30")[0]
@@ -315,10 +325,11 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     config.aliases = loader.aliases
     config.zones = loader.build_zones()
     config.files = loader.files
-    errors = [i for i in loader.issues if i.severity == "error"]
-    if errors:
-        raise ConfigError(loader.issues)
-    config.warnings = loader.issues
+    order = {file: n for n, file in enumerate(loader.files)}
+    issues = sorted(loader.issues, key=lambda i: (order.get(i.file, len(order)), i.line))
+    if any(i.severity == "error" for i in issues):
+        raise ConfigError(issues)
+    config.warnings = issues
     return config
 
 
