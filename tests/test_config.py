@@ -183,7 +183,7 @@ def test_embedded_default_loads_without_rules_folder(tmp_path: Path, monkeypatch
     monkeypatch.chdir(tmp_path)
     config = load_config(None)
     assert [str(a) for a in config.listen] == ["127.0.0.1:5300", "[::1]:5300"]
-    assert config.zones == []
+    assert [(z.name, [s.name for s in z.stages]) for z in config.zones] == [(".", ["cache", "forward:root"])]
 
 
 def test_shipped_rules_pass_check() -> None:
@@ -192,7 +192,10 @@ def test_shipped_rules_pass_check() -> None:
         [sys.executable, "-m", "horizon_dns", "check"], cwd=root, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
-    assert "zone mydomain.tld.: template:service-cname, template:hub-alias" in result.stdout
+    assert (
+        "zone mydomain.tld.: cache, template:service-cname, template:hub-alias;"
+        " on NXDOMAIN,REFUSED,SERVFAIL fall back to zone ." in result.stdout
+    )
     assert "warning" not in result.stderr
 
 

@@ -34,6 +34,7 @@ from horizon_dns.config.source import (
     scalar_value,
 )
 from horizon_dns.core.encode import DEFAULT_UDP_PAYLOAD
+from horizon_dns.core.loop import LoopGuard
 from horizon_dns.core.names import text_to_name
 from horizon_dns.core.pipeline import Pipeline, Zone
 from horizon_dns.core.stage import Stage
@@ -67,9 +68,10 @@ class Config:
     zones: list[Zone] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     warnings: list[ConfigIssue] = field(default_factory=list)
+    guard: LoopGuard = field(default_factory=LoopGuard)
 
     def pipeline(self) -> Pipeline:
-        return Pipeline(self.zones)
+        return Pipeline(self.zones, guard=self.guard)
 
 
 def parse_listen(text: str) -> ListenAddress:
@@ -122,6 +124,11 @@ class _ZoneDraft:
     soa: RR | None = None
     soa_disabled: bool = False
     soa_where: str = ""
+    fallback: tuple[str, frozenset[int], Where, Node | None] | None = None
+
+
+DEFAULT_FALLBACK_RCODES = ("NXDOMAIN", "SERVFAIL", "REFUSED")
+_FALLBACK_RCODES = {"NXDOMAIN": 3, "SERVFAIL": 2, "REFUSED": 5}
 
 
 class _Loader:
@@ -131,6 +138,7 @@ class _Loader:
         self.alias_where: dict[str, str] = {}
         self.zones: dict[str, _ZoneDraft] = {}
         self.files: list[str] = []
+        self.guard = LoopGuard()
 
     def read_file(self, path: Path, text: str | None = None) -> Section | None:
         file = _display(path)
@@ -189,11 +197,64 @@ class _Loader:
                     draft.soa_disabled = True
                 else:
                     draft.soa = _read_soa(name, Section(soa_node, zone.where.child("soa")))
+        if zone.has("fallback"):
+            self.read_fallback(name, draft, zone)
         stages = zone.sequence("stages")
         if not zone.has("stages"):
             zone.where.error(zone.node, f"zone {name} has no stages", "add stages: [ - template: {...} ]")
         draft.stages.extend(stages)
         zone.finish()
+
+    def read_fallback(self, name: str, draft: _ZoneDraft, zone: Section) -> None:
+        section = zone.section("fallback")
+        if draft.fallback is not None:
+            section.where.error(section.node, f"fallback of zone {name} is already set")
+            return
+        target = section.get("zone", as_str, hint="the zone whose stages answer instead, e.g. zone: '.'")
+        rcodes: set[int] = set()
+        for i, text in enumerate(section.string_list("rcodes", default=list(DEFAULT_FALLBACK_RCODES))):
+            code = _FALLBACK_RCODES.get(text.upper())
+            if code is None:
+                section.where.child("rcodes").child(i).error(
+                    section.node_of("rcodes"),
+                    f"cannot fall back on {text!r}",
+                    "use NXDOMAIN, SERVFAIL, REFUSED",
+                )
+            else:
+                rcodes.add(code)
+        section.finish()
+        if target is not None:
+            draft.fallback = (target, frozenset(rcodes), section.where, section.node)
+
+    def link_fallbacks(self, zones: dict[str, Zone]) -> None:
+        """Point each zone's fallback at its target; refuse one that can never fire."""
+        for name, draft in self.zones.items():
+            if draft.fallback is None:
+                continue
+            target_text, rcodes, where, node = draft.fallback
+            try:
+                target = zone_key(target_text)
+            except ValueError as exc:
+                where.child("zone").error(node, f"{target_text!r} is not a zone name: {exc}")
+                continue
+            zone = zones[name]
+            if target == name:
+                where.child("zone").error(node, f"zone {name} cannot fall back to itself")
+            elif target not in zones:
+                where.child("zone").error(
+                    node, f"fallback zone {target} is not defined", f"zones: {', '.join(zones)}"
+                )
+            elif not zones[target].stages:
+                where.child("zone").error(node, f"fallback zone {target} has no stages: it can only SERVFAIL")
+            elif not zone.stages:
+                where.error(node, f"zone {name} has no stages of its own: use zone {target} directly")
+            elif not rcodes:
+                where.child("rcodes").error(node, "no rcode to fall back on: the fallback can never fire")
+            elif zones[target].fallback_zone is not None and zones[target].fallback_zone is zone:
+                where.child("zone").error(node, f"zones {name} and {target} fall back to each other")
+            else:
+                zone.fallback_zone = zones[target]
+                zone.fallback_rcodes = rcodes
 
     def build_zones(self) -> list[Zone]:
         zones: list[Zone] = []
@@ -203,7 +264,8 @@ class _Loader:
                 soa = default_soa(name)
             stages: list[Stage] = []
             for index, (node, where) in enumerate(draft.stages):
-                stage = self.build_stage(node, where, BuildContext(name, index, self.aliases, soa))
+                context = BuildContext(name, index, self.aliases, soa, self.guard)
+                stage = self.build_stage(node, where, context)
                 if stage is not None:
                     stages.append(stage)
             names = [s.name for s in stages]
@@ -218,6 +280,7 @@ class _Loader:
                     )
                 )
             zones.append(Zone(name, stages, soa))
+        self.link_fallbacks({zone.name: zone for zone in zones})
         return zones
 
     def build_stage(self, node: Node, where: Where, ctx: BuildContext) -> Stage | None:
@@ -324,6 +387,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     config = _read_server(loader, section, base, optional) if section is not None else Config([])
     config.aliases = loader.aliases
     config.zones = loader.build_zones()
+    config.guard = loader.guard
     config.files = loader.files
     order = {file: n for n, file in enumerate(loader.files)}
     issues = sorted(loader.issues, key=lambda i: (order.get(i.file, len(order)), i.line))
@@ -338,6 +402,9 @@ def describe(config: Config) -> str:
     lines = [f"listen: {', '.join(str(a) for a in config.listen)}"]
     for zone in config.zones:
         stages = ", ".join(stage.name for stage in zone.stages) or "(none)"
+        if zone.fallback_zone is not None:
+            rcodes = ",".join(sorted(k for k, v in _FALLBACK_RCODES.items() if v in zone.fallback_rcodes))
+            stages += f"; on {rcodes} fall back to zone {zone.fallback_zone.name}"
         lines.append(f"zone {zone.name}: {stages}")
     return "\n".join(lines)
 

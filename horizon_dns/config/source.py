@@ -113,7 +113,14 @@ class Section:
             return
         for key_node, value_node in node.value:
             key = scalar_value(key_node) if isinstance(key_node, ScalarNode) else None
-            if not isinstance(key, str | int | float) or isinstance(key, bool):
+            if isinstance(key, bool) and isinstance(key_node, ScalarNode):
+                where.error(
+                    key_node,
+                    f"key {key_node.value!r} reads as {str(key).lower()} in YAML",
+                    "YAML 1.1 turns on/off/yes/no into booleans: quote the key",
+                )
+                continue
+            if not isinstance(key, str | int | float):
                 where.error(key_node, "keys must be plain names")
                 continue
             key = str(key)

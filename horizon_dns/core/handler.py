@@ -4,6 +4,12 @@ Contract: ``await QueryHandler.handle(data, client, transport)`` returns the rep
 bytes, or None when the message deserves silence (too short, QR=1). It never
 raises: a stage that raises is logged and answered with SERVFAIL, so every
 transport can stay a thin loop around this call.
+
+``QueryHandler.fast_answer(data, tcp)`` is the synchronous hot path: for the
+common query shape (one question, at most an OPT right behind it) in a zone whose
+first stage is a cache holding a fresh entry, it returns the reply bytes without
+decoding to objects, creating a task or awaiting; for anything else it returns
+None and the caller takes the full path. Both paths give the same bytes.
 """
 
 from __future__ import annotations
@@ -13,18 +19,25 @@ import logging
 from collections.abc import Callable
 
 from horizon_dns.core.encode import (
+    CLASSIC_UDP_LIMIT,
     DEFAULT_UDP_PAYLOAD,
     TCP_LIMIT,
     encode_reply,
     udp_limit,
 )
 from horizon_dns.core.message import Outcome, Query, Reply
+from horizon_dns.core.packed import encode_opt, serve
 from horizon_dns.core.pipeline import EDE_OTHER, Pipeline
 from horizon_dns.core.wire import (
     BADVERS,
+    CD,
+    EDNS_DO,
     FORMERR,
+    HEADER,
     NOTIMP,
+    RR_FIXED,
     SERVFAIL,
+    TYPE_OPT,
     Drop,
     FormatError,
     NotImplementedOpcode,
@@ -48,6 +61,69 @@ class QueryHandler:
         self.replies: collections.Counter[tuple[str, str, str]] = collections.Counter()
         self.malformed: collections.Counter[str] = collections.Counter()
         self.observers: list[ReplyObserver] = []
+        self.fast_hits = 0
+        self._opts: dict[tuple[int, bool, tuple[int, str] | None], bytes] = {}
+
+    def fast_answer(self, data: bytes, tcp: bool = False) -> bytes | None:
+        """The reply from a leading cache's fresh entry, or None to take the full path."""
+        size = len(data)
+        if size < 17:
+            return None
+        msg_id, flags, qdcount, ancount, nscount, arcount = HEADER.unpack_from(data)
+        # QR=0, opcode QUERY, one question, nothing but an optional OPT after it.
+        if flags & 0xF800 or qdcount != 1 or ancount or nscount or arcount > 1:
+            return None
+        offset = 12
+        while True:
+            if offset >= size:
+                return None
+            length = data[offset]
+            if length == 0:
+                break
+            if length > 63:
+                return None
+            offset += 1 + length
+        question_end = offset + 5
+        if question_end > size:
+            return None
+        if arcount:
+            # RFC 6891 §6.1.1: the OPT of a well-formed query; anything else is decoded fully.
+            if size < question_end + 11 or data[question_end] != 0:
+                return None
+            rtype, payload, ttl, rdlength = RR_FIXED.unpack_from(data, question_end + 1)
+            if rtype != TYPE_OPT or question_end + 11 + rdlength != size or ttl & 0xFF0000:
+                return None
+            do = bool(ttl & EDNS_DO)
+            limit = TCP_LIMIT if tcp else max(CLASSIC_UDP_LIMIT, min(payload, self.udp_payload))
+        else:
+            if question_end != size:
+                return None
+            do = False
+            limit = TCP_LIMIT if tcp else CLASSIC_UDP_LIMIT
+        lower = data[12 : offset + 1].lower()
+        found = self.pipeline.zone_for_wire(lower)
+        if found is None:
+            return None
+        zone, cache = found
+        if cache is None:
+            return None
+        key = lower + data[offset + 1 : question_end] + (b"\x02" if do else b"\x00")
+        if flags & CD:
+            key = key[:-1] + bytes([key[-1] | 1])
+        hit = cache.serve_fresh(key)
+        if hit is None:
+            return None
+        packed, body = hit
+        if packed.rcode in zone.fallback_rcodes:
+            return None  # the fallback must run: the full path does that
+        opt = b""
+        if arcount:
+            opt_key = (packed.rcode >> 4, do, packed.ede)
+            opt = self._opts.get(opt_key) or self._opts.setdefault(
+                opt_key, encode_opt(self.udp_payload, packed.rcode, do, packed.ede)
+            )
+        self.fast_hits += 1
+        return serve(msg_id, flags, data[12:question_end], packed, opt, limit, zone.recursion_available, body)
 
     async def handle(self, data: bytes, client: tuple[str, int] | None, transport: str) -> bytes | None:
         try:
@@ -64,6 +140,12 @@ class QueryHandler:
             return encode_error(exc.msg_id, exc.flags, FORMERR)
         query.client = client
         query.transport = transport
+        guard = self.pipeline.guard
+        if guard.probes and guard.arrived(query.name):
+            # Our own loop probe came back: answer at once so the loop ends here.
+            log.debug("loop probe %s arrived from %s", query.name, client)
+            reply = Reply(SERVFAIL, "edge", Outcome.FAILED, "loop-probe")
+            return encode_reply(query, reply, TCP_LIMIT if transport == "tcp" else udp_limit(query), False)
         return await self.answer(query)
 
     async def answer(self, query: Query) -> bytes:

@@ -20,6 +20,8 @@ from horizon_dns.core.names import name_to_text
 if TYPE_CHECKING:
     from dnslib import RR
 
+    from horizon_dns.core.packed import Packed
+
 QTYPE_NAMES: dict[int, str] = {}
 CLASS_NAMES = {1: "IN", 3: "CH", 4: "HS", 254: "NONE", 255: "ANY"}
 
@@ -141,3 +143,7 @@ class Reply:
     authoritative: bool = False
     # RFC 8914 Extended DNS Error: (info-code, extra text).
     ede: tuple[int, str] | None = None
+    # The whole reply as bytes (forwarded or cached); then the record lists are unused.
+    packed: Packed | None = None
+    # False when the answer depends on who asked (e.g. a template using `client`).
+    cacheable: bool = True

@@ -8,6 +8,9 @@ Contract:
 * a zone's stages run in order, each deciding to answer or to call ``next``; the
   end of the chain answers NODATA when a stage vouched that the name exists
   (``Query.name_exists``), SERVFAIL otherwise;
+* a zone with ``fallback`` hands the *original* query to another zone's chain
+  when its own chain ends in one of the fallback rcodes (CoreDNS's ``alternate``,
+  as plain configuration rather than a build-time plugin order);
 * when an answer ends in a CNAME and the question was not for CNAME or ANY, the
   target is resolved through the pipeline again and its records appended, so a
   stub gets the whole chain in one reply (RFC 1034 §4.3.2 step 3a); chasing is
@@ -17,17 +20,21 @@ Contract:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from dnslib import QTYPE, RR
 
+from horizon_dns.core.loop import LoopGuard
 from horizon_dns.core.message import Outcome, Query, Reply
 from horizon_dns.core.names import text_to_name
-from horizon_dns.core.stage import Next, Stage
+from horizon_dns.core.packed import unpack_records
+from horizon_dns.core.stage import FastCache, Next, Stage
 from horizon_dns.core.wire import NOERROR, NXDOMAIN, REFUSED, SERVFAIL
 
 MAX_CNAME_DEPTH = 8
 _NO_CHASE = frozenset({QTYPE.CNAME, QTYPE.ANY})
+
+RCODE_NAMES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
 
 # RFC 8914 §4 info-codes used here.
 EDE_OTHER = 0
@@ -41,14 +48,29 @@ class Zone:
     name: str
     stages: Sequence[Stage]
     soa: RR | None = None
+    fallback_rcodes: frozenset[int] = frozenset()
+    fallback_zone: Zone | None = None
     chain: Next = field(init=False)
+    #: RA=1 in replies: some stage may ask other servers.
+    recursion_available: bool = field(init=False)
 
     def __post_init__(self) -> None:
         self.chain = _build_chain(self, list(self.stages))
+        self.recursion_available = any(stage.recurses for stage in self.stages)
 
-    @property
-    def recursion_available(self) -> bool:
-        return any(stage.recurses for stage in self.stages)
+    async def resolve(self, query: Query) -> Reply:
+        """Run the chain; on a fallback rcode, run the fallback zone's chain instead."""
+        fallback = self.fallback_zone
+        if fallback is None:
+            return await self.chain(query)
+        original = replace(query, name_exists=None)
+        reply = await self.chain(query)
+        if reply.rcode not in self.fallback_rcodes:
+            return reply
+        rcode = RCODE_NAMES.get(reply.rcode, str(reply.rcode))
+        query.note(f"fallback: {reply.stage} said {rcode} -> zone {fallback.name}")
+        answer = await fallback.chain(original)
+        return replace(answer, reason=f"fallback:{reply.stage} {rcode}")
 
     def negative_authority(self) -> list[RR]:
         """The SOA to put in a NODATA/NXDOMAIN authority section (RFC 2308 §3)."""
@@ -101,9 +123,34 @@ def _normalise_zone(name: str) -> str:
 class Pipeline:
     """All zones of a configuration; resolves a Query to a Reply."""
 
-    def __init__(self, zones: Sequence[Zone], max_cname_depth: int = MAX_CNAME_DEPTH) -> None:
+    def __init__(
+        self,
+        zones: Sequence[Zone],
+        max_cname_depth: int = MAX_CNAME_DEPTH,
+        guard: LoopGuard | None = None,
+    ) -> None:
         self.zones = {_normalise_zone(z.name): z for z in zones}
         self.max_cname_depth = max_cname_depth
+        self.guard = guard or LoopGuard()
+        # Lowercased wire apex -> (zone, its leading cache stage or None), for the hot path.
+        self.by_wire: dict[bytes, tuple[Zone, FastCache | None]] = {}
+        for name, zone in self.zones.items():
+            first = zone.stages[0] if zone.stages else None
+            leading_cache = first if isinstance(first, FastCache) else None
+            self.by_wire[text_to_name(name)] = (zone, leading_cache)
+
+    def zone_for_wire(self, lower_wire: bytes) -> tuple[Zone, FastCache | None] | None:
+        """The zone of a lowercased wire name, by longest suffix; no text conversion."""
+        by_wire = self.by_wire
+        offset = 0
+        while True:
+            found = by_wire.get(lower_wire[offset:] if offset else lower_wire)
+            if found is not None:
+                return found
+            length = lower_wire[offset]
+            if length == 0:
+                return None
+            offset += 1 + length
 
     def zone_for(self, name: str) -> Zone | None:
         """The zone with the longest suffix of ``name`` (lowercase, trailing dot)."""
@@ -146,7 +193,7 @@ class Pipeline:
                 None,
             )
         query.note(f"zone {zone.name}")
-        reply = await zone.chain(query)
+        reply = await zone.resolve(query)
         if reply.rcode == NOERROR and reply.answer and query.qtype not in _NO_CHASE:
             reply = await self._chase(query, reply)
         return reply, zone
@@ -158,6 +205,7 @@ class Pipeline:
         seen = {current}
         rcode = reply.rcode
         authority = reply.authority
+        cacheable = reply.cacheable
         while True:
             target = _cname_target(answer, current)
             if target is None or _has_rrset(answer, target, qtype):
@@ -180,9 +228,14 @@ class Pipeline:
                 break
             query.note(f"chase CNAME -> {target}")
             sub = query.derive(text_to_name(target))
-            sub_reply = await zone.chain(sub)
-            answer.extend(sub_reply.answer)
-            rcode, authority = sub_reply.rcode, sub_reply.authority
+            sub_reply = await zone.resolve(sub)
+            sub_answer, sub_authority = sub_reply.answer, sub_reply.authority
+            if sub_reply.packed is not None:
+                # Forwarded or cached: the records are bytes; decode them to merge the chain.
+                sub_answer, sub_authority, _additional = unpack_records(sub.question, sub_reply.packed)
+            answer.extend(sub_answer)
+            rcode, authority = sub_reply.rcode, sub_authority
+            cacheable = cacheable and sub_reply.cacheable
             if rcode != NOERROR:
                 break
             current = target
@@ -198,6 +251,7 @@ class Pipeline:
             authority=authority,
             additional=reply.additional,
             authoritative=reply.authoritative,
+            cacheable=cacheable,
         )
 
 

@@ -10,9 +10,12 @@ closures once. Sockets and tasks open in ``start()``, never in ``__init__``, so
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from horizon_dns.core.message import Query, Reply
+
+if TYPE_CHECKING:
+    from horizon_dns.core.packed import Packed
 
 Next = Callable[[Query], Awaitable[Reply]]
 
@@ -30,3 +33,10 @@ class Stage(Protocol):
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
+
+
+@runtime_checkable
+class FastCache(Protocol):
+    """A stage that can answer synchronously from bytes (the cache, first in its zone)."""
+
+    def serve_fresh(self, key: bytes) -> tuple[Packed, bytes] | None: ...

@@ -22,7 +22,7 @@ from horizon_dns.core.names import MAX_LABEL, MAX_NAME_WIRE
 
 HEADER = struct.Struct("!HHHHHH")
 _QTAIL = struct.Struct("!HH")
-_RRFIXED = struct.Struct("!HHIH")
+RR_FIXED = struct.Struct("!HHIH")  # type, class, TTL, rdlength
 
 # Flag bits of the second header word (RFC 1035 §4.1.1, RFC 4035 §3.2).
 QR = 0x8000
@@ -136,7 +136,7 @@ def decode_query(data: bytes) -> Query:
             offset = skip_name(data, offset)
             if offset + 10 > len(data):
                 raise ValueError("record header runs past the end")
-            rtype, rclass, ttl, rdlength = _RRFIXED.unpack_from(data, offset)
+            rtype, rclass, ttl, rdlength = RR_FIXED.unpack_from(data, offset)
             offset += 10 + rdlength
             if offset > len(data):
                 raise ValueError("record data runs past the end")
@@ -169,17 +169,11 @@ def _skip_rr(data: bytes, offset: int) -> int:
     offset = skip_name(data, offset)
     if offset + 10 > len(data):
         raise ValueError("record header runs past the end")
-    rdlength = _RRFIXED.unpack_from(data, offset)[3]
+    rdlength = RR_FIXED.unpack_from(data, offset)[3]
     offset += 10 + rdlength
     if offset > len(data):
         raise ValueError("record data runs past the end")
     return offset
-
-
-def encode_opt(udp_size: int, ext_rcode: int, do: bool, options: bytes = b"") -> bytes:
-    """An OPT pseudo-RR (RFC 6891 §6.1.2): root owner, size in CLASS, flags in TTL."""
-    ttl = (ext_rcode << 24) | (EDNS_DO if do else 0)
-    return b"\x00" + _RRFIXED.pack(TYPE_OPT, udp_size, ttl, len(options)) + options
 
 
 def encode_error(msg_id: int, flags: int, rcode: int) -> bytes:

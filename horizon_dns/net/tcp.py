@@ -112,6 +112,10 @@ class TcpConnection(asyncio.Protocol):
                 break
             message = bytes(buffer[2 : 2 + length])
             del buffer[: 2 + length]
+            reply = self.handler.fast_answer(message, tcp=True)
+            if reply is not None and self.transport is not None:
+                self.transport.write(_LENGTH.pack(len(reply)) + reply)
+                continue
             self.pending += 1
             self.inflight.add(loop.create_task(self._answer(message)))
         if self.pending >= self.conns.limits.max_inflight and not self.paused and self.transport:

@@ -52,6 +52,12 @@ class UdpListener(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         if not self.accepting:
             return
+        # The hot path: a cached answer is sent from here, with no task and no await.
+        reply = self.handler.fast_answer(data)
+        if reply is not None:
+            assert self.transport is not None
+            self.transport.sendto(reply, addr)
+            return
         self.inflight.add(asyncio.get_running_loop().create_task(self._answer(data, addr)))
 
     async def _answer(self, data: bytes, addr: tuple[str | int, ...]) -> None:

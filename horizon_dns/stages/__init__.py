@@ -11,14 +11,16 @@ from collections.abc import Callable
 
 from horizon_dns.config.source import Section
 from horizon_dns.core.stage import Stage
-from horizon_dns.stages import template
+from horizon_dns.stages import cache, forward, template
 from horizon_dns.stages.context import BuildContext
 
 StageBuilder = Callable[[Section, BuildContext], Stage | None]
 
 #: Every stage kind a rules file may name, in the order the docs list them.
 REGISTRY: dict[str, StageBuilder] = {
+    "cache": cache.build,
     "template": template.build,
+    "forward": forward.build,
 }
 
 __all__ = ["REGISTRY", "BuildContext", "StageBuilder"]

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from dnslib import RR
 
+from horizon_dns.core.loop import LoopGuard
+
 
 @dataclass(frozen=True, slots=True)
 class BuildContext:
@@ -15,3 +17,4 @@ class BuildContext:
     index: int  # position in the zone's stage list, for default names
     aliases: dict[str, str]
     soa: RR | None
+    guard: LoopGuard | None = None

@@ -128,6 +128,12 @@ class TemplateStage:
         self.aliases = aliases
         self.soa = soa
         self.when = when
+        # An answer rendered from the client's address must not be cached for others.
+        self.uses_client = getattr(when, "uses_client", False) or any(
+            "client" in jinja2.meta.find_undeclared_variables(t.environment.parse(src))
+            for lines in (answer, additional, authority)
+            for src, t in zip(lines.sources, lines.templates, strict=True)
+        )
         self.bad_records = 0
         self._rr_cache: dict[str, list[RR]] = {}
 
@@ -227,6 +233,7 @@ class TemplateStage:
             additional=additional,
             authority=authority,
             authoritative=True,
+            cacheable=not self.uses_client,
         )
 
     def _render(self, lines: _Lines, variables: dict[str, Any], query: Query) -> list[RR]:
@@ -377,7 +384,10 @@ def _compile_when(
         return None
     if not _check_references(ast, where, node, groups, ngroups):
         return None
-    return env.compile_expression(source)
+    expression = env.compile_expression(source)
+    # Remembered so the stage can tell whether its answers depend on the client.
+    expression.uses_client = "client" in jinja2.meta.find_undeclared_variables(ast)  # type: ignore[attr-defined]
+    return expression
 
 
 def _group_references(ast: jinja2.nodes.Template) -> list[str | int]:

@@ -1,0 +1,244 @@
+"""Replies kept as wire bytes: what the cache stores and what upstreams send us.
+
+A :class:`Packed` is a reply's record sections as bytes (answer, authority and
+additional, without OPT), plus what is needed to serve it to any client asking
+the same question: the section counts, the AA flag and rcode, and where every
+TTL sits so an age can be subtracted in place. Compression pointers inside the
+body point into the question, which has the same length for every client asking
+the same (case-insensitive) name, so the body is reused as is behind a new header
+and the client's own question bytes.
+
+Contract:
+
+* ``pack_reply(query, reply)`` turns a Reply's dnslib records into a Packed once;
+* ``from_upstream(data, question_end)`` indexes an upstream's reply, drops its OPT
+  and keeps its extended rcode and Extended DNS Error;
+* ``serve(query, packed, ...)`` builds the message for one client: its ID, its
+  RD/CD bits, its question, TTLs aged, OPT only when it asked with EDNS, TC=1 with
+  the question kept when over its size limit. No dnslib objects are built.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from dnslib import RR, DNSBuffer, DNSRecord
+
+from horizon_dns.core.wire import AA, AD, CD, EDNS_DO, HEADER, QR, RA, RD, RR_FIXED, TC, TYPE_OPT, skip_name
+
+_TTL = struct.Struct("!I")
+_EDE = 15  # RFC 8914 §2 option code
+TYPE_SOA = 6
+
+# What we advertise and send over UDP at most: DNS Flag Day 2020's value, which
+# avoids IP fragmentation on every common path.
+DEFAULT_UDP_PAYLOAD = 1232
+CLASSIC_UDP_LIMIT = 512  # RFC 1035 §4.2.1
+TCP_LIMIT = 65535
+
+
+@dataclass(slots=True, frozen=True)
+class Packed:
+    """A reply's record sections as bytes, servable to any client with the same question."""
+
+    body: bytes
+    question_len: int  # length of the question section the body was packed behind
+    ancount: int
+    nscount: int
+    arcount: int  # without OPT
+    rcode: int  # 12-bit (RFC 6891 §6.1.3)
+    flags: int  # AA and AD as received/decided
+    ttls: tuple[tuple[int, int], ...]  # (offset in body, TTL) of every record
+    ede: tuple[int, str] | None = None
+
+    @property
+    def min_ttl(self) -> int | None:
+        return min((ttl for _off, ttl in self.ttls), default=None)
+
+    def negative_ttl(self) -> int | None:
+        """RFC 2308 §5: min(SOA TTL, SOA MINIMUM) of the SOA in authority, if any."""
+        # Walk behind a zero prefix of the question's length so offsets match the body's.
+        base = HEADER.size + self.question_len
+        data = bytes(base) + self.body
+        offset = base
+        for index in range(self.ancount + self.nscount):
+            offset = skip_name(data, offset)
+            rtype, _rclass, ttl, rdlength = RR_FIXED.unpack_from(data, offset)
+            offset += 10 + rdlength
+            if index >= self.ancount and rtype == TYPE_SOA:
+                # MINIMUM is the last 32-bit field of the SOA rdata (RFC 1035 §3.3.13).
+                (minimum,) = _TTL.unpack_from(data, offset - 4)
+                return int(min(ttl, minimum))
+        return None
+
+
+def index_records(data: bytes, start: int, count: int) -> tuple[list[tuple[int, int]], int]:
+    """TTL positions of ``count`` records from ``start``; return them and the end offset."""
+    ttls: list[tuple[int, int]] = []
+    offset = start
+    end = len(data)
+    for _ in range(count):
+        offset = skip_name(data, offset)
+        if offset + 10 > end:
+            raise ValueError("record header runs past the end")
+        _rtype, _rclass, ttl, rdlength = RR_FIXED.unpack_from(data, offset)
+        ttls.append((offset + 4, ttl))
+        offset += 10 + rdlength
+        if offset > end:
+            raise ValueError("record data runs past the end")
+    return ttls, offset
+
+
+def pack_records(query_question: bytes, qname_wire: bytes, sections: tuple[list, list, list]) -> bytes:  # type: ignore[type-arg]
+    """Pack dnslib records behind a header and question; return the whole message."""
+    buf = DNSBuffer()
+    buf.append(b"\x00" * HEADER.size)
+    offset = HEADER.size
+    labels: list[bytes] = []
+    positions: list[int] = []
+    i = 0
+    while qname_wire[i]:
+        positions.append(offset + i)
+        labels.append(qname_wire[i + 1 : i + 1 + qname_wire[i]].lower())
+        i += 1 + qname_wire[i]
+    buf.append(query_question)
+    # dnslib keys its compression table by label tuples; let records point into the question.
+    for n, pos in enumerate(positions):
+        buf.names.setdefault(tuple(labels[n:]), pos)
+    for section in sections:
+        for rr in section:
+            rr.pack(buf)
+    return bytes(buf.data)
+
+
+def from_message(
+    data: bytes,
+    question_end: int,
+    counts: tuple[int, int, int],
+    rcode: int,
+    flags: int,
+    ede: tuple[int, str] | None,
+) -> Packed:
+    """Index a message whose records start at ``question_end`` and contain no OPT."""
+    ttls, _end = index_records(data, question_end, counts[0] + counts[1] + counts[2])
+    base = question_end
+    return Packed(
+        body=data[question_end:],
+        question_len=question_end - HEADER.size,
+        ancount=counts[0],
+        nscount=counts[1],
+        arcount=counts[2],
+        rcode=rcode,
+        flags=flags & (AA | AD),
+        ttls=tuple((off - base, ttl) for off, ttl in ttls),
+        ede=ede,
+    )
+
+
+def from_upstream(data: bytes, question_end: int) -> Packed:
+    """Index an upstream reply; drop its OPT, keeping the extended rcode and EDE.
+
+    Raises ValueError when the message does not decode or its OPT is not the last
+    record (moving records behind it could break their compression pointers).
+    """
+    _id, flags, _qd, ancount, nscount, arcount = HEADER.unpack_from(data)
+    _ttls, offset = index_records(data, question_end, ancount + nscount)
+    rcode = flags & 0xF
+    ede: tuple[int, str] | None = None
+    opt_span: tuple[int, int] | None = None
+    for _ in range(arcount):
+        start = offset
+        offset = skip_name(data, offset)
+        if offset + 10 > len(data):
+            raise ValueError("record header runs past the end")
+        rtype, _rclass, ttl, rdlength = RR_FIXED.unpack_from(data, offset)
+        end = offset + 10 + rdlength
+        if end > len(data):
+            raise ValueError("record data runs past the end")
+        if rtype == TYPE_OPT:
+            if opt_span is not None:
+                raise ValueError("more than one OPT record")
+            opt_span = (start, end)
+            rcode |= (ttl >> 24) << 4  # RFC 6891 §6.1.3: upper 8 bits of the rcode
+            ede = _find_ede(data[offset + 10 : end])
+        offset = end
+    message = data[:offset]
+    if opt_span is not None:
+        if opt_span[1] != offset:
+            raise ValueError("OPT is not the last record")
+        message = data[: opt_span[0]]
+        arcount -= 1
+    return from_message(message, question_end, (ancount, nscount, arcount), rcode, flags, ede)
+
+
+def _find_ede(options: bytes) -> tuple[int, str] | None:
+    offset = 0
+    while offset + 4 <= len(options):
+        code, length = struct.unpack_from("!HH", options, offset)
+        value = options[offset + 4 : offset + 4 + length]
+        if code == _EDE and length >= 2:
+            return int.from_bytes(value[:2], "big"), value[2:].decode("utf-8", "replace")
+        offset += 4 + length
+    return None
+
+
+def encode_opt(payload: int, rcode: int, do: bool, ede: tuple[int, str] | None) -> bytes:
+    """Our OPT record (RFC 6891 §6.1.2): root owner, payload in CLASS, flags in TTL."""
+    options = b""
+    if ede is not None:
+        code, text = ede
+        value = code.to_bytes(2, "big") + text.encode("utf-8")
+        options = _EDE.to_bytes(2, "big") + len(value).to_bytes(2, "big") + value
+    ttl = ((rcode >> 4) << 24) | (EDNS_DO if do else 0)
+    return b"\x00" + RR_FIXED.pack(TYPE_OPT, payload, ttl, len(options)) + options
+
+
+def response_flags(query_flags: int, packed_flags: int, rcode: int, recursion_available: bool) -> int:
+    """QR set, RD/CD copied from the query (RFC 1035 §4.1.1, RFC 4035 §3.1.6)."""
+    flags = QR | (query_flags & (RD | CD)) | (packed_flags & (AA | AD)) | (rcode & 0xF)
+    if recursion_available:
+        flags |= RA
+    return flags
+
+
+def aged_body(packed: Packed, age: int, stale_ttl: int | None = None) -> bytes:
+    """The body with every TTL lowered by ``age`` (floor 0), or set to ``stale_ttl``."""
+    if not age and stale_ttl is None:
+        return packed.body
+    body = bytearray(packed.body)
+    pack_into = _TTL.pack_into
+    for offset, ttl in packed.ttls:
+        pack_into(body, offset, stale_ttl if stale_ttl is not None else max(ttl - age, 0))
+    return bytes(body)
+
+
+def serve(
+    msg_id: int,
+    query_flags: int,
+    question: bytes,
+    packed: Packed,
+    opt: bytes,
+    limit: int,
+    recursion_available: bool,
+    body: bytes | None = None,
+) -> bytes:
+    """The message for one client; TC=1 with question and OPT kept when over ``limit``."""
+    flags = response_flags(query_flags, packed.flags, packed.rcode, recursion_available)
+    if body is None:
+        body = packed.body
+    size = HEADER.size + len(question) + len(body) + len(opt)
+    if size <= limit:
+        header = HEADER.pack(
+            msg_id, flags, 1, packed.ancount, packed.nscount, packed.arcount + (1 if opt else 0)
+        )
+        return header + question + body + opt
+    # RFC 2181 §9: TC=1 and no records; the client retries over TCP.
+    return HEADER.pack(msg_id, flags | TC, 1, 0, 0, 1 if opt else 0) + question + opt
+
+
+def unpack_records(question: bytes, packed: Packed) -> tuple[list[RR], list[RR], list[RR]]:
+    """Decode a packed reply's sections into dnslib records (slow; for CNAME chasing)."""
+    header = HEADER.pack(0, QR, 1, packed.ancount, packed.nscount, packed.arcount)
+    record = DNSRecord.parse(header + question + packed.body)
+    return list(record.rr), list(record.auth), list(record.ar)

@@ -1,0 +1,219 @@
+"""The ``cache`` stage: replies kept as packed bytes, served with TTLs aged in place.
+
+YAML::
+
+    - cache:
+        max_entries: 10000        # LRU beyond this
+        min_ttl: 0                # clamp of positive TTLs (seconds)
+        max_ttl: 86400
+        max_negative_ttl: 3600    # NXDOMAIN/NODATA, from the SOA (RFC 2308 §5)
+        serve_stale: true         # RFC 8767: expired answers when what follows fails
+        max_stale: 86400          # how long past expiry an answer may still be served
+
+Contract: the key is the lowercased name, type, class and the DO and CD bits.
+Positive answers live for their smallest TTL, clamped; NXDOMAIN and NODATA for
+min(SOA TTL, SOA MINIMUM) and are not cached without an SOA (RFC 2308 §5);
+SERVFAIL, REFUSED, truncated and client-specific replies are not cached. A hit
+is the stored bytes with every TTL lowered by the entry's age -- no dnslib object
+is built -- and, first in a zone, is served by the server's synchronous hot path
+(:meth:`CacheStage.serve_fresh`) without a task. Concurrent misses for one key
+wait for a single call of the next stage. When that call fails (SERVFAIL) and an
+expired entry is at most ``max_stale`` old, the entry is served with TTL 30 and
+Extended DNS Error 3, "Stale Answer" (RFC 8767 §4, RFC 8914 §4.4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from horizon_dns.config.source import Section, as_bool, int_range
+from horizon_dns.core.encode import pack_reply
+from horizon_dns.core.message import Outcome, Query, Reply
+from horizon_dns.core.packed import Packed, aged_body
+from horizon_dns.core.stage import Next
+from horizon_dns.core.wire import CD, NOERROR, NXDOMAIN, SERVFAIL
+from horizon_dns.stages.context import BuildContext
+
+STALE_TTL = 30  # RFC 8767 §4: "a TTL of 30 seconds is recommended"
+EDE_STALE_ANSWER = 3  # RFC 8914 §4.4
+_TAIL = struct.Struct("!HHB")
+
+
+@dataclass(slots=True)
+class Entry:
+    packed: Packed
+    stored: float
+    expires: float
+    outcome: Outcome
+
+
+def cache_key(qname_wire: bytes, qtype: int, qclass: int, do: bool, cd: bool) -> bytes:
+    """Lowercased wire name + type + class + DO/CD: the same for every case variant."""
+    return qname_wire.lower() + _TAIL.pack(qtype, qclass, (2 if do else 0) | (1 if cd else 0))
+
+
+def query_key(query: Query) -> bytes:
+    do = query.edns.do if query.edns is not None else False
+    return cache_key(query.qname_wire, query.qtype, query.qclass, do, bool(query.flags & CD))
+
+
+class CacheStage:
+    """An LRU of packed replies in front of the stages that follow it."""
+
+    recurses = False
+
+    def __init__(
+        self,
+        name: str = "cache",
+        max_entries: int = 10000,
+        min_ttl: int = 0,
+        max_ttl: int = 86400,
+        max_negative_ttl: int = 3600,
+        serve_stale: bool = True,
+        max_stale: int = 86400,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self.max_entries = max_entries
+        self.min_ttl = min_ttl
+        self.max_ttl = max_ttl
+        self.max_negative_ttl = max_negative_ttl
+        self.serve_stale = serve_stale
+        self.max_stale = max_stale
+        self.clock = clock
+        self.entries: OrderedDict[bytes, Entry] = OrderedDict()
+        self.inflight: dict[bytes, asyncio.Future[Reply]] = {}
+        self.hits = self.misses = self.evictions = self.stale_served = self.coalesced = 0
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        for future in self.inflight.values():
+            future.cancel()
+
+    def settings(self) -> tuple[int, int, int, int, bool, int]:
+        """Everything that decides what is stored; equal settings may share entries."""
+        return (
+            self.max_entries, self.min_ttl, self.max_ttl, self.max_negative_ttl, self.serve_stale,
+            self.max_stale,
+        )  # fmt: skip
+
+    # The synchronous hot path ------------------------------------------------
+
+    def serve_fresh(self, key: bytes) -> tuple[Packed, bytes] | None:
+        """A fresh entry's packed reply and its aged body, or None. No awaits."""
+        entry = self.entries.get(key)
+        if entry is None:
+            return None
+        now = self.clock()
+        if now >= entry.expires:
+            return None
+        self.entries.move_to_end(key)
+        self.hits += 1
+        return entry.packed, aged_body(entry.packed, int(now - entry.stored))
+
+    # The stage ---------------------------------------------------------------
+
+    async def handle(self, query: Query, next: Next) -> Reply:
+        key = query_key(query)
+        fresh = self.serve_fresh(key)
+        if fresh is not None:
+            packed, body = fresh
+            query.note(f"  cache hit ({len(self.entries)} entries)")
+            return Reply(
+                packed.rcode, self.name, self.entries[key].outcome, "cache:hit",
+                packed=replace(packed, body=body),
+            )  # fmt: skip
+        self.misses += 1
+        waiting = self.inflight.get(key)
+        if waiting is not None:
+            self.coalesced += 1
+            query.note("  cache miss: joining an identical query in flight")
+            return await asyncio.shield(waiting)
+        query.note("  cache miss")
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self.inflight[key] = future
+        try:
+            reply = await next(query)
+            if reply.rcode == SERVFAIL:
+                stale = self._stale(key, query)
+                if stale is not None:
+                    reply = stale
+            else:
+                self.store(key, query, reply)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: the waiters re-raise it
+            raise
+        finally:
+            del self.inflight[key]
+        if not future.done():  # stop() may have cancelled it
+            future.set_result(reply)
+        return reply
+
+    def _stale(self, key: bytes, query: Query) -> Reply | None:
+        entry = self.entries.get(key)
+        if entry is None or not self.serve_stale:
+            return None
+        if self.clock() > entry.expires + self.max_stale:
+            del self.entries[key]
+            return None
+        self.stale_served += 1
+        query.note("  what follows failed: serving the expired entry (RFC 8767)")
+        body = aged_body(entry.packed, 0, STALE_TTL)
+        packed = replace(entry.packed, body=body, ede=(EDE_STALE_ANSWER, "stale answer: upstreams failed"))
+        return Reply(packed.rcode, self.name, entry.outcome, "cache:stale", packed=packed)
+
+    def ttl_for(self, packed: Packed) -> int | None:
+        """How long to keep a reply; None when it must not be cached."""
+        if packed.rcode == NOERROR and packed.ancount:
+            ttl = packed.min_ttl
+            if ttl is None:
+                return None
+            return max(self.min_ttl, min(ttl, self.max_ttl))
+        if packed.rcode in (NOERROR, NXDOMAIN):
+            negative = packed.negative_ttl()
+            if negative is None:
+                return None  # RFC 2308 §5: no SOA, no negative caching
+            return min(negative, self.max_negative_ttl)
+        return None
+
+    def store(self, key: bytes, query: Query, reply: Reply) -> None:
+        if not reply.cacheable:
+            return
+        packed = pack_reply(query, reply)
+        ttl = self.ttl_for(packed)
+        if ttl is None or ttl <= 0:
+            return
+        now = self.clock()
+        self.entries[key] = Entry(packed, now, now + ttl, reply.outcome)
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.max_entries:
+            self.entries.popitem(last=False)
+            self.evictions += 1
+
+
+def build(section: Section, ctx: BuildContext) -> CacheStage | None:
+    errors_before = section.where.error_count()
+    seconds = int_range(0, 7 * 86400)
+    stage = CacheStage(
+        name="cache" if ctx.index == 0 else f"cache#{ctx.index}",
+        max_entries=section.get("max_entries", int_range(1, 10_000_000), default=10000),
+        min_ttl=section.get("min_ttl", seconds, default=0),
+        max_ttl=section.get("max_ttl", seconds, default=86400),
+        max_negative_ttl=section.get("max_negative_ttl", seconds, default=3600),
+        serve_stale=section.get("serve_stale", as_bool, default=True),
+        max_stale=section.get("max_stale", seconds, default=86400),
+    )
+    section.finish()
+    if stage.min_ttl > stage.max_ttl:
+        section.where.error(section.node, f"min_ttl {stage.min_ttl} is above max_ttl {stage.max_ttl}")
+    if section.where.error_count() != errors_before:
+        return None
+    return stage
