@@ -63,23 +63,25 @@ class ServerProcess:
 _LISTENING = re.compile(r"listening on (.*)$", re.M)
 
 
-def start_server(tmp: Path, rules: str, server_yaml: str = "", ipv6: bool = True) -> ServerProcess:
-    """Write a config with ``rules`` as one rules file and start the server on port 0."""
+def start_server(
+    tmp: Path, rules: str, server_yaml: str = "", ipv6: bool = True, port: int = 0
+) -> ServerProcess:
+    """Write a config with ``rules`` as one rules file and start the server (port 0: any)."""
     rules_dir = tmp / "rules"
     rules_dir.mkdir(exist_ok=True)
     (rules_dir / "10-test.yaml").write_text(textwrap.dedent(rules))
-    listen = ['"127.0.0.1:0"'] + (['"[::1]:0"'] if ipv6 else [])
+    listen = [f'"127.0.0.1:{port}"'] + ([f'"[::1]:{port}"'] if ipv6 else [])
     config = tmp / "horizon.yaml"
     config.write_text(f"listen: [{', '.join(listen)}]\nrules: rules\n" + textwrap.dedent(server_yaml))
     log = tmp / "server.log"
-    handle = log.open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "horizon_dns", "--log-level", "debug", "serve", "--config", str(config)],
-        stdout=handle,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=tmp,
-    )
+    with log.open("w") as handle:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "horizon_dns", "--log-level", "debug", "serve", "--config", str(config)],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=tmp,
+        )
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         found = _LISTENING.search(log.read_text())

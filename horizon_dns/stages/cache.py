@@ -184,10 +184,23 @@ class CacheStage:
             return min(negative, self.max_negative_ttl)
         return None
 
+    def _clamped(self, packed: Packed) -> Packed:
+        """Record TTLs held to [min_ttl, max_ttl], so what is served matches the lifetime."""
+        low, high = self.min_ttl, self.max_ttl
+        if all(low <= ttl <= high for _off, ttl in packed.ttls):
+            return packed
+        body = bytearray(packed.body)
+        ttls = []
+        for offset, ttl in packed.ttls:
+            ttl = max(low, min(ttl, high))
+            struct.pack_into("!I", body, offset, ttl)
+            ttls.append((offset, ttl))
+        return replace(packed, body=bytes(body), ttls=tuple(ttls))
+
     def store(self, key: bytes, query: Query, reply: Reply) -> None:
         if not reply.cacheable:
             return
-        packed = pack_reply(query, reply)
+        packed = self._clamped(pack_reply(query, reply))
         ttl = self.ttl_for(packed)
         if ttl is None or ttl <= 0:
             return

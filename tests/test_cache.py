@@ -1,0 +1,260 @@
+"""The cache stage: TTLs, negative caching, LRU, serve-stale, coalescing, the hot path."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from pathlib import Path
+
+import dns.edns
+import dns.flags
+import dns.message
+import pytest
+from dnslib import RR
+from helpers import config_from, make_query
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from horizon_dns.core.encode import TCP_LIMIT, encode_reply
+from horizon_dns.core.handler import QueryHandler
+from horizon_dns.core.message import Edns, Outcome, Query, Reply
+from horizon_dns.core.names import text_to_name
+from horizon_dns.core.wire import NOERROR, NXDOMAIN, SERVFAIL
+from horizon_dns.stages.cache import EDE_STALE_ANSWER, STALE_TTL, CacheStage
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Next:
+    """A scripted next stage that counts its calls."""
+
+    def __init__(self, reply: Reply | None = None) -> None:
+        self.calls = 0
+        self.reply = reply or answer("192.0.2.1", ttl=60)
+        self.gate: asyncio.Event | None = None
+
+    async def __call__(self, query: Query) -> Reply:
+        self.calls += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        return self.reply
+
+
+def answer(address: str, ttl: int, name: str = "a.test.") -> Reply:
+    return Reply(NOERROR, "next", Outcome.ANSWER, "next", answer=RR.fromZone(f"{name} {ttl} IN A {address}"))
+
+
+def negative(rcode: int, soa_ttl: int, minimum: int) -> Reply:
+    soa = RR.fromZone(f"test. {soa_ttl} IN SOA ns.test. h.test. 1 2 3 4 {minimum}")
+    outcome = Outcome.NXDOMAIN if rcode == NXDOMAIN else Outcome.NODATA
+    return Reply(rcode, "next", outcome, "next", authority=soa)
+
+
+def run(cache: CacheStage, query: Query, next_: Next) -> Reply:
+    return asyncio.run(cache.handle(query, next_))
+
+
+def ttls(query: Query, reply: Reply) -> list[int]:
+    message = dns.message.from_wire(encode_reply(query, reply, TCP_LIMIT, True))
+    return [rrset.ttl for rrset in message.answer + message.authority]
+
+
+def test_hit_is_served_with_ttl_decremented() -> None:
+    clock, next_ = Clock(), Next()
+    cache = CacheStage(clock=clock)
+    first = run(cache, make_query("a.test."), next_)
+    assert first.stage == "next" and next_.calls == 1
+    clock.now += 10
+    query = make_query("A.TeSt.")  # any letter case shares the entry
+    hit = run(cache, query, next_)
+    assert next_.calls == 1 and hit.stage == "cache" and hit.reason == "cache:hit"
+    assert ttls(query, hit) == [50]
+    message = dns.message.from_wire(encode_reply(query, hit, TCP_LIMIT, True))
+    assert message.question[0].name.to_text() == "A.TeSt." and message.id == query.msg_id
+    clock.now += 51
+    run(cache, make_query("a.test."), next_)
+    assert next_.calls == 2  # expired: asked again
+
+
+def test_ttl_is_clamped() -> None:
+    clock = Clock()
+    cache = CacheStage(clock=clock, min_ttl=30, max_ttl=100)
+    run(cache, make_query("a.test."), Next(answer("192.0.2.1", ttl=5)))
+    run(cache, make_query("b.test."), Next(answer("192.0.2.1", ttl=5000, name="b.test.")))
+    key_a, key_b = list(cache.entries)
+    assert cache.entries[key_a].expires - clock.now == 30
+    assert cache.entries[key_b].expires - clock.now == 100
+
+
+@pytest.mark.parametrize("rcode", [NXDOMAIN, NOERROR])
+def test_negative_answers_live_for_the_soa_minimum(rcode: int) -> None:
+    # RFC 2308 §5: min(SOA TTL, SOA MINIMUM).
+    clock, next_ = Clock(), Next(negative(rcode, soa_ttl=60, minimum=7))
+    cache = CacheStage(clock=clock)
+    run(cache, make_query("gone.test."), next_)
+    clock.now += 6.5
+    reply = run(cache, make_query("gone.test."), next_)
+    assert next_.calls == 1 and reply.rcode == rcode
+    clock.now += 1
+    run(cache, make_query("gone.test."), next_)
+    assert next_.calls == 2
+
+
+def test_negative_answer_without_soa_is_not_cached() -> None:
+    next_ = Next(Reply(NXDOMAIN, "next", Outcome.NXDOMAIN, "next"))
+    cache = CacheStage(clock=Clock())
+    run(cache, make_query("x.test."), next_)
+    run(cache, make_query("x.test."), next_)
+    assert next_.calls == 2 and not cache.entries
+
+
+def test_servfail_and_client_specific_replies_are_not_cached() -> None:
+    cache = CacheStage(clock=Clock())
+    failing = Next(Reply(SERVFAIL, "next", Outcome.FAILED, "next"))
+    run(cache, make_query("x.test."), failing)
+    personal = Next(answer("192.0.2.9", ttl=60))
+    personal.reply.cacheable = False
+    run(cache, make_query("a.test."), personal)
+    assert not cache.entries
+
+
+def test_key_separates_type_class_do_and_cd() -> None:
+    cache, next_ = CacheStage(clock=Clock()), Next()
+    queries = [make_query("a.test."), make_query("a.test.", "AAAA"), make_query("a.test.", qclass=3)]
+    do = make_query("a.test.")
+    do.edns = Edns(1232, 0, True)
+    cd = make_query("a.test.")
+    cd.flags |= 0x0010
+    for query in [*queries, do, cd]:
+        run(cache, query, next_)
+    assert next_.calls == 5 and len(cache.entries) == 5
+
+
+def test_serve_stale_when_what_follows_fails() -> None:
+    clock = Clock()
+    cache = CacheStage(clock=clock, max_stale=3600)
+    run(cache, make_query("a.test."), Next())
+    clock.now += 120  # expired
+    failing = Next(Reply(SERVFAIL, "forward", Outcome.FAILED, "forward:unreachable"))
+    query = make_query("a.test.", edns=True)
+    reply = run(cache, query, failing)
+    assert failing.calls == 1 and reply.rcode == NOERROR and reply.reason == "cache:stale"
+    assert ttls(query, reply) == [STALE_TTL]
+    message = dns.message.from_wire(encode_reply(query, reply, TCP_LIMIT, True))
+    (ede,) = [o for o in message.options if o.otype == dns.edns.EDE]
+    assert ede.code == EDE_STALE_ANSWER
+    clock.now += 3600  # beyond max_stale: the failure is passed on
+    assert run(cache, make_query("a.test."), failing).rcode == SERVFAIL
+
+
+def test_concurrent_identical_misses_coalesce() -> None:
+    cache, next_ = CacheStage(clock=Clock()), Next()
+
+    async def scenario() -> list[Reply]:
+        next_.gate = asyncio.Event()
+        tasks = [asyncio.create_task(cache.handle(make_query("a.test."), next_)) for _ in range(10)]
+        while cache.coalesced < 9:
+            await asyncio.sleep(0)
+        next_.gate.set()
+        return await asyncio.gather(*tasks)
+
+    replies = asyncio.run(scenario())
+    assert next_.calls == 1 and cache.coalesced == 9
+    assert all(r.rcode == NOERROR for r in replies)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    size=st.integers(1, 8),
+    names=st.lists(st.sampled_from([f"n{i}.test." for i in range(12)]), min_size=1, max_size=60),
+)
+def test_lru_bound_and_order(size: int, names: list[str]) -> None:
+    cache = CacheStage(clock=Clock(), max_entries=size)
+    next_ = Next()
+    recent: list[str] = []
+    for name in names:
+        run(cache, make_query(name), next_)
+        if name in recent:
+            recent.remove(name)
+        recent.append(name)
+    assert len(cache.entries) == min(size, len(set(names)))
+    # The survivors are exactly the most recently used names.
+    kept = [bytes(key[:-5]) for key in cache.entries]
+    assert kept == [text_to_name(n) for n in recent[-size:]]
+    assert cache.evictions == next_.calls - len(cache.entries)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    ttl=st.integers(1, 10**6),
+    age=st.integers(0, 10**6),
+    floor=st.integers(0, 300),
+    cap=st.integers(300, 10**5),
+)
+def test_ttl_arithmetic(ttl: int, age: int, floor: int, cap: int) -> None:
+    clock = Clock()
+    cache = CacheStage(clock=clock, min_ttl=floor, max_ttl=cap)
+    run(cache, make_query("a.test."), Next(answer("192.0.2.1", ttl=ttl)))
+    lifetime = max(floor, min(ttl, cap))
+    clock.now += age
+    fresh = cache.serve_fresh(next(iter(cache.entries)))
+    if age >= lifetime:
+        assert fresh is None
+    else:
+        assert fresh is not None
+        packed, body = fresh
+        reply = Reply(NOERROR, "cache", Outcome.ANSWER, "hit", packed=replace(packed, body=body))
+        assert ttls(make_query("a.test."), reply) == [lifetime - age]
+
+
+# The hot path ---------------------------------------------------------------------
+
+HOT_RULES = r"""
+zones:
+  hot.test:
+    stages:
+      - cache: {}
+      - template:
+          type: [A]
+          answer: ['{{ name }} 60 IN A 192.0.2.7']
+"""
+
+
+@pytest.mark.parametrize("edns", [False, True])
+def test_fast_path_gives_the_same_bytes_as_the_full_path(tmp_path: Path, edns: bool) -> None:
+    config = config_from(tmp_path, HOT_RULES)
+    handler = QueryHandler(config.pipeline())
+    wire = dns.message.make_query(
+        "Www.Hot.Test", "A", use_edns=0 if edns else False, want_dnssec=edns
+    ).to_wire()
+    assert handler.fast_answer(wire) is None  # nothing cached yet
+    slow = asyncio.run(handler.handle(wire, ("127.0.0.1", 1), "udp"))
+    assert slow is not None
+    fast = handler.fast_answer(wire)
+    assert fast is not None and handler.fast_hits == 1
+    # Same question echo, flags, records; the TTL may only have aged.
+    assert fast == asyncio.run(handler.handle(wire, ("127.0.0.1", 1), "udp"))
+    message = dns.message.from_wire(fast)
+    assert message.question[0].name.to_text() == "Www.Hot.Test."
+    assert (message.edns == 0) is edns and bool(message.ednsflags & dns.flags.DO) is edns
+
+
+def test_fast_path_declines_what_it_cannot_serve(tmp_path: Path) -> None:
+    config = config_from(tmp_path, HOT_RULES)
+    handler = QueryHandler(config.pipeline())
+    wire = dns.message.make_query("a.hot.test", "A").to_wire()
+    asyncio.run(handler.handle(wire, ("127.0.0.1", 1), "udp"))
+    assert handler.fast_answer(wire) is not None
+    bad_version = dns.message.make_query("a.hot.test", "A", use_edns=1).to_wire()
+    assert handler.fast_answer(bad_version) is None  # BADVERS needs the full path
+    response = bytearray(wire)
+    response[2] |= 0x80
+    assert handler.fast_answer(bytes(response)) is None  # QR=1
+    assert handler.fast_answer(wire[:-1]) is None
+    assert handler.fast_answer(dns.message.make_query("a.other.test", "A").to_wire()) is None
