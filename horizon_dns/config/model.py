@@ -26,6 +26,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode
 from horizon_dns.config.source import (
     Section,
     Where,
+    as_bool,
     as_str,
     int_range,
     line_of,
@@ -54,6 +55,19 @@ class ListenAddress:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+@dataclass(frozen=True, slots=True)
+class LlmnrSettings:
+    """The LLMNR responder's settings (server file key ``llmnr``)."""
+
+    interfaces: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
+    devices: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    hostname: str = ""
+    ttl: int = 30
+    tcp: bool = True
+    conflict_check: bool = True
+
+
 @dataclass(slots=True)
 class Config:
     """A loaded, validated configuration with its stages built but not started."""
@@ -69,6 +83,7 @@ class Config:
     files: list[str] = field(default_factory=list)
     warnings: list[ConfigIssue] = field(default_factory=list)
     guard: LoopGuard = field(default_factory=LoopGuard)
+    llmnr: LlmnrSettings | None = None
 
     def pipeline(self) -> Pipeline:
         return Pipeline(self.zones, guard=self.guard)
@@ -334,6 +349,51 @@ def _read_soa(zone: str, section: Section) -> RR | None:
         return None
 
 
+def _label(text: str) -> str:
+    name = text.strip().rstrip(".").lower()
+    if not name or ".." in name:
+        raise ValueError(f"{text!r} is not a name")
+    text_to_name(name)
+    return name
+
+
+def _read_llmnr(section: Section) -> LlmnrSettings:
+    interfaces = tuple(section.string_list("interfaces", default=[]))
+    aliases: list[str] = []
+    for i, text in enumerate(section.string_list("aliases", default=[])):
+        try:
+            aliases.append(_label(text))
+        except ValueError as exc:
+            section.where.child("aliases").child(i).error(section.node_of("aliases"), str(exc))
+    devices: list[tuple[str, tuple[str, ...]]] = []
+    device_section = section.section("devices")
+    for name in device_section.names():
+        addresses = device_section.string_list(name, hint="printer: [100.64.0.22, fd7a:115c:a1e0::22]")
+        for text in addresses:
+            try:
+                ipaddress.ip_address(text)
+            except ValueError:
+                device_section.where.child(name).error(
+                    device_section.node_of(name), f"{text!r} is not an IP address"
+                )
+        try:
+            devices.append((_label(name), tuple(addresses)))
+        except ValueError as exc:
+            device_section.where.child(name).error(device_section.node_of(name), str(exc))
+    device_section.finish()
+    settings = LlmnrSettings(
+        interfaces=interfaces,
+        aliases=tuple(aliases),
+        devices=tuple(devices),
+        hostname=section.get("hostname", as_str, default=""),
+        ttl=section.get("ttl", int_range(0, 86400), default=30),
+        tcp=section.get("tcp", as_bool, default=True),
+        conflict_check=section.get("conflict_check", as_bool, default=True),
+    )
+    section.finish()
+    return settings
+
+
 def _read_server(loader: _Loader, section: Section, base: Path, rules_optional: bool) -> Config:
     listen: list[ListenAddress] = []
     listen_node = section.node_of("listen")
@@ -355,6 +415,8 @@ def _read_server(loader: _Loader, section: Section, base: Path, rules_optional: 
     config.tcp_max_connections = tcp.get("max_connections", int_range(1, 65535), default=256)
     config.tcp_max_inflight = tcp.get("max_inflight", int_range(1, 65535), default=64)
     tcp.finish()
+    if section.has("llmnr"):
+        config.llmnr = _read_llmnr(section.section("llmnr"))
     rules = section.get("rules", as_str, default="rules")
     loader.read_rules_content(section)
     section.finish()
@@ -406,6 +468,15 @@ def describe(config: Config) -> str:
             rcodes = ",".join(sorted(k for k, v in _FALLBACK_RCODES.items() if v in zone.fallback_rcodes))
             stages += f"; on {rcodes} fall back to zone {zone.fallback_zone.name}"
         lines.append(f"zone {zone.name}: {stages}")
+    if config.llmnr is not None:
+        names = [
+            config.llmnr.hostname or "(hostname)",
+            *config.llmnr.aliases,
+            *(d for d, _ in config.llmnr.devices),
+        ]
+        lines.append(
+            f"llmnr responder: {', '.join(names)} on {', '.join(config.llmnr.interfaces) or 'all interfaces'}"
+        )
     return "\n".join(lines)
 
 

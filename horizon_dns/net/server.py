@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 import socket
@@ -19,6 +20,9 @@ from collections.abc import Sequence
 from horizon_dns.config.model import Config, ListenAddress, describe
 from horizon_dns.core.handler import QueryHandler
 from horizon_dns.errors import Error
+from horizon_dns.llmnr.responder import Names
+from horizon_dns.net.interfaces import list_interfaces
+from horizon_dns.net.llmnr import LlmnrResponder
 from horizon_dns.net.tcp import TcpConnection, TcpConnections, TcpLimits
 from horizon_dns.net.udp import InFlight, UdpListener
 
@@ -118,6 +122,21 @@ class DnsServer:
         return left
 
 
+def make_llmnr_responder(config: Config) -> LlmnrResponder | None:
+    """The LLMNR responder the config asks for, not yet started."""
+    settings = config.llmnr
+    if settings is None:
+        return None
+    names = Names(
+        hostname=settings.hostname or socket.gethostname().split(".")[0],
+        aliases=frozenset(settings.aliases),
+        devices={name: tuple(ipaddress.ip_address(a) for a in addrs) for name, addrs in settings.devices},
+        ttl=settings.ttl,
+    )
+    wanted = settings.interfaces
+    return LlmnrResponder(names, lambda: list_interfaces(wanted), tcp=settings.tcp)
+
+
 def install_uvloop() -> bool:
     """Use uvloop when installed: ~18 µs less per datagram (shared/bench/README.md)."""
     try:
@@ -138,9 +157,20 @@ async def serve(config: Config) -> int:
     handler = QueryHandler(pipeline, config.udp_payload)
     limits = TcpLimits(config.tcp_idle_timeout, config.tcp_max_connections, config.tcp_max_inflight)
     server = DnsServer(handler, config.listen, limits)
+    responder = make_llmnr_responder(config)
+    background: set[asyncio.Task[object]] = set()
     try:
         await pipeline.start()
         await server.start()
+        if responder is not None:
+            await responder.start()
+            log.info(
+                "LLMNR responder for %s on %s",
+                ", ".join(sorted(responder.names.all())),
+                ", ".join(i.name for i in responder.interfaces.values()) or "no interface yet",
+            )
+            if config.llmnr is not None and config.llmnr.conflict_check:
+                background.add(loop.create_task(responder.check_conflicts()))
         for issue in config.warnings:
             log.warning("%s", issue)
         log.info("%s", describe(config).replace("\n", "; "))
@@ -152,6 +182,11 @@ async def serve(config: Config) -> int:
             log.warning("%d queries were still running at shutdown", left)
         return 0
     finally:
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        if responder is not None:
+            await responder.stop()
         await server.stop(0)
         await pipeline.stop()
         for sig in (signal.SIGTERM, signal.SIGINT):

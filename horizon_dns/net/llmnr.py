@@ -1,0 +1,388 @@
+"""LLMNR sockets (RFC 4795): the responder's listeners and a multicast/TCP query client.
+
+Contract: ``LlmnrResponder.start()`` binds UDP 5355 on IPv4 and IPv6 (shared
+with other responders through SO_REUSEADDR), joins 224.0.0.252 and ff02::1:3 on
+each served interface, listens on TCP 5355 on the interfaces' unicast addresses,
+and answers through :func:`horizon_dns.llmnr.responder.decide`. Arrival
+interface and destination come from IP_PKTINFO / IPV6_PKTINFO ancillary data.
+UDP replies leave with IP TTL / hop limit 255, TCP with TTL 1 (RFC 4795 §2.5).
+Interfaces and addresses that appear later are picked up by a periodic rescan,
+as is a changed hostname. If TCP 5355 is taken (systemd-resolved with LLMNR=yes
+or resolve), UDP keeps working and :attr:`LlmnrResponder.tcp_error` says exactly
+what to change.
+
+``query_multicast`` and ``query_tcp`` are the client side, used by the overlay
+lookup stage and by conflict detection (RFC 4795 §4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import errno
+import ipaddress
+import logging
+import secrets
+import socket
+import struct
+from collections.abc import Callable, Iterable
+
+from horizon_dns.errors import Error
+from horizon_dns.llmnr.responder import (
+    LLMNR_GROUP_V4,
+    LLMNR_GROUP_V6,
+    LLMNR_PORT,
+    QR,
+    Arrival,
+    Interface,
+    Names,
+    build_query,
+    decide,
+)
+
+log = logging.getLogger("horizon_dns.net.llmnr")
+
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Python 3.11 lacks the constant on Linux
+IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
+IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
+_LENGTH = struct.Struct("!H")
+
+RESOLVED_HINT = (
+    "TCP port 5355 is in use, most likely by systemd-resolved's own LLMNR responder. "
+    "Put 'LLMNR=no' under [Resolve] in /etc/systemd/resolved.conf.d/horizon-dns.conf "
+    "(see contrib/systemd-resolved/) and run 'systemctl restart systemd-resolved'. "
+    "Until then horizon-dns answers LLMNR over UDP only."
+)
+
+
+class LlmnrError(Error):
+    """The responder could not open its sockets."""
+
+
+def _pktinfo(ancdata: list[tuple[int, int, bytes]]) -> tuple[int, str] | None:
+    """(interface index, destination address) from IP_PKTINFO / IPV6_PKTINFO."""
+    for level, kind, data in ancdata:
+        if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
+            ifindex = struct.unpack_from("=i", data)[0]
+            return ifindex, socket.inet_ntop(socket.AF_INET, data[8:12])
+        if level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO and len(data) >= 20:
+            ifindex = struct.unpack_from("=i", data, 16)[0]
+            return ifindex, socket.inet_ntop(socket.AF_INET6, data[:16])
+    return None
+
+
+class LlmnrResponder:
+    """Answers LLMNR queries for this node's names on the served interfaces."""
+
+    def __init__(
+        self,
+        names: Names,
+        interfaces: Callable[[], list[Interface]],
+        tcp: bool = True,
+        rescan: float = 10.0,
+        port: int = LLMNR_PORT,
+    ) -> None:
+        self.names = names
+        self.list_interfaces = interfaces
+        self.tcp = tcp
+        self.rescan_interval = rescan
+        self.port = port
+        self.interfaces: dict[int, Interface] = {}
+        self.sockets: list[socket.socket] = []
+        self.joined: set[tuple[int, int]] = set()  # (family, ifindex)
+        self.tcp_servers: dict[str, asyncio.Server] = {}
+        self.tcp_error = ""
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.conflicts_seen = 0
+        self._rescan_task: asyncio.Task[None] | None = None
+        self._tcp_tasks: set[asyncio.Task[None]] = set()
+
+    # Lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for family in (socket.AF_INET, socket.AF_INET6):
+            sock = self._udp_socket(family)
+            self.sockets.append(sock)
+            loop.add_reader(sock.fileno(), self._readable, sock)
+        await self.rescan()
+        self._rescan_task = loop.create_task(self._rescan_loop())
+
+    async def stop(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._rescan_task is not None:
+            self._rescan_task.cancel()
+            await asyncio.gather(self._rescan_task, return_exceptions=True)
+        for sock in self.sockets:
+            loop.remove_reader(sock.fileno())
+            sock.close()
+        self.sockets.clear()
+        for server in self.tcp_servers.values():
+            server.close()
+        for task in list(self._tcp_tasks):
+            task.cancel()
+        await asyncio.gather(*self._tcp_tasks, return_exceptions=True)
+        self.tcp_servers.clear()
+
+    def _udp_socket(self, family: int) -> socket.socket:
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            # Shared with systemd-resolved's responder when it runs (RFC 4795 allows
+            # several responders per host; each answers only for its own names).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET:
+                sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 255)  # RFC 4795 §2.5
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
+                sock.bind(("0.0.0.0", self.port))
+            else:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 255)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 0)
+                sock.bind(("::", self.port))
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            raise LlmnrError(f"cannot bind UDP port {self.port} for LLMNR: {exc.strerror}") from exc
+        return sock
+
+    async def _rescan_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.rescan_interval)
+            try:
+                await self.rescan()
+            except Exception:  # a failed rescan must not end the responder
+                log.exception("LLMNR interface rescan failed")
+
+    async def rescan(self) -> None:
+        """Serve interfaces and addresses as they are now; follow hostname changes."""
+        hostname = socket.gethostname().split(".")[0]
+        if hostname and hostname != self.names.hostname:
+            log.info("LLMNR: hostname is now %s", hostname)
+            self.names.hostname = hostname
+        current = {i.index: i for i in self.list_interfaces()}
+        self.interfaces = current
+        for index in current:
+            for family in (socket.AF_INET, socket.AF_INET6):
+                if (family, index) not in self.joined:
+                    self._join(family, index)
+        if self.tcp and not self.tcp_error:
+            await self._listen_tcp(current.values())
+
+    def _join(self, family: int, index: int) -> None:
+        sock = next(s for s in self.sockets if s.family == family)
+        try:
+            if family == socket.AF_INET:
+                mreq = (
+                    socket.inet_aton(LLMNR_GROUP_V4) + socket.inet_aton("0.0.0.0") + struct.pack("=i", index)
+                )
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
+            else:
+                mreq6 = socket.inet_pton(socket.AF_INET6, LLMNR_GROUP_V6) + struct.pack("=i", index)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, mreq6)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:  # already joined
+                log.debug("LLMNR: cannot join group on interface %d: %s", index, exc)
+                return
+        self.joined.add((family, index))
+
+    async def _listen_tcp(self, interfaces: Iterable[Interface]) -> None:
+        for interface in interfaces:
+            for address in interface.addresses:
+                ip = address.ip
+                if ip.version == 6 and ip.is_link_local:
+                    continue  # needs a scope; LLMNR over TCP goes to routable addresses
+                key = str(ip)
+                if key in self.tcp_servers:
+                    continue
+                try:
+                    server = await asyncio.start_server(self._tcp_client, key, self.port, reuse_address=True)
+                except OSError as exc:
+                    if exc.errno == errno.EADDRINUSE:
+                        self.tcp_error = RESOLVED_HINT
+                        log.error("LLMNR: %s", RESOLVED_HINT)
+                        return
+                    log.warning("LLMNR: cannot listen on TCP %s:%d: %s", key, self.port, exc.strerror)
+                    continue
+                self.tcp_servers[key] = server
+
+    # Receiving -----------------------------------------------------------------
+
+    def _readable(self, sock: socket.socket) -> None:
+        for _ in range(64):  # bounded per wake-up so one busy socket cannot starve the loop
+            try:
+                data, ancdata, _flags, source = sock.recvmsg(9000, 256)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.debug("LLMNR receive error: %s", exc)
+                return
+            info = _pktinfo(ancdata)
+            if info is None:
+                self.counts["no-pktinfo"] += 1
+                continue
+            index, destination = info
+            arrival = Arrival("udp", (str(source[0]), int(source[1])), destination, index)
+            reply, reason = decide(data, arrival, self.names, self.interfaces.get(index))
+            self.counts[reason] += 1
+            if reply is not None:
+                with contextlib.suppress(OSError):
+                    sock.sendto(reply, source)
+
+    async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tcp_tasks.add(task)
+        sock = writer.get_extra_info("socket")
+        try:
+            if sock is not None:
+                # RFC 4795 §2.5: TCP replies with TTL 1 so they never leave the link.
+                if sock.family == socket.AF_INET:
+                    sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 1)
+                else:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 1)
+            peer = writer.get_extra_info("peername")
+            local = writer.get_extra_info("sockname")
+            interface = self._interface_of(str(local[0]))
+            while True:
+                (length,) = _LENGTH.unpack(await asyncio.wait_for(reader.readexactly(2), 10))
+                data = await asyncio.wait_for(reader.readexactly(length), 10)
+                arrival = Arrival(
+                    "tcp", (str(peer[0]), int(peer[1])), str(local[0]), interface.index if interface else 0
+                )
+                reply, reason = decide(data, arrival, self.names, interface)
+                self.counts[reason] += 1
+                if reply is None:
+                    return  # silence over TCP: close
+                writer.write(_LENGTH.pack(len(reply)) + reply)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, TimeoutError, OSError):
+            pass
+        finally:
+            writer.close()
+            if task is not None:
+                self._tcp_tasks.discard(task)
+
+    def _interface_of(self, local: str) -> Interface | None:
+        try:
+            ip = ipaddress.ip_address(local.split("%")[0])
+        except ValueError:
+            return None
+        for interface in self.interfaces.values():
+            if any(address.ip == ip for address in interface.addresses):
+                return interface
+        return None
+
+    # Conflict detection (RFC 4795 §4) -------------------------------------------
+
+    async def check_conflicts(self, wait: float = 1.0) -> set[str]:
+        """Ask for each of our unique names; a reply from another host is a conflict."""
+        ours = {a.ip for i in self.interfaces.values() for a in i.addresses}
+        conflicts: set[str] = set()
+        for name in sorted(self.names.own()):
+            for interface in self.interfaces.values():
+                replies = await query_multicast(name, 1, interface, wait)
+                others = [
+                    src for src, _data in replies if ipaddress.ip_address(src.split("%")[0]) not in ours
+                ]
+                if others:
+                    conflicts.add(name)
+                    log.warning(
+                        "LLMNR conflict: %s also answers for %r on %s; setting the T bit (RFC 4795 §4)",
+                        others[0],
+                        name,
+                        interface.name,
+                    )
+        self.conflicts_seen += len(conflicts - self.names.conflicts)
+        self.names.conflicts |= conflicts
+        return conflicts
+
+
+# The client side ---------------------------------------------------------------
+
+
+async def query_multicast(
+    name: str,
+    qtype: int,
+    interface: Interface,
+    window: float,
+    family: int = socket.AF_INET,
+    first: bool = False,
+) -> list[tuple[str, bytes]]:
+    """Ask the LLMNR group on ``interface``; return (source, reply) of the answers.
+
+    Collects for ``window`` seconds, or until the first answer when ``first``.
+    """
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    replies: list[tuple[str, bytes]] = []
+    msg_id = secrets.randbits(16)
+    message = build_query(msg_id, name, qtype)
+    got_one = asyncio.Event()
+    try:
+        sock.setblocking(False)
+        if family == socket.AF_INET:
+            v4 = [a.ip for a in interface.addresses if a.version == 4]
+            if not v4:
+                return []
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(str(v4[0])))
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)  # RFC 4795 §2.5
+            sock.bind((str(v4[0]), 0))
+            destination: tuple[str, int] | tuple[str, int, int, int] = (LLMNR_GROUP_V4, LLMNR_PORT)
+        else:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, interface.index)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 1)
+            sock.bind(("::", 0))
+            destination = (LLMNR_GROUP_V6, LLMNR_PORT, 0, interface.index)
+
+        def readable() -> None:
+            while True:
+                try:
+                    data, source = sock.recvfrom(9000)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:
+                    return
+                if len(data) >= 4 and struct.unpack_from("!H", data)[0] == msg_id and data[2] & (QR >> 8):
+                    replies.append((str(source[0]), data))
+                    got_one.set()
+
+        loop.add_reader(sock.fileno(), readable)
+        try:
+            sock.sendto(message, destination)
+            if first:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(got_one.wait(), window)
+            else:
+                await asyncio.sleep(window)  # a collection window: every responder may answer
+        finally:
+            loop.remove_reader(sock.fileno())
+    except OSError as exc:
+        log.debug("LLMNR query on %s failed: %s", interface.name, exc)
+    finally:
+        sock.close()
+    return replies
+
+
+async def query_tcp(address: str, name: str, qtype: int, timeout: float) -> bytes | None:
+    """Ask one host over TCP 5355 (RFC 4795 §2.4: unicast queries go over TCP)."""
+    msg_id = secrets.randbits(16)
+    message = build_query(msg_id, name, qtype)
+
+    async def run() -> bytes | None:
+        reader, writer = await asyncio.open_connection(address, LLMNR_PORT)
+        try:
+            writer.write(_LENGTH.pack(len(message)) + message)
+            await writer.drain()
+            (length,) = _LENGTH.unpack(await reader.readexactly(2))
+            data = await reader.readexactly(length)
+            return data if struct.unpack_from("!H", data)[0] == msg_id else None
+        finally:
+            writer.close()
+
+    try:
+        return await asyncio.wait_for(run(), timeout)
+    except (OSError, TimeoutError, asyncio.IncompleteReadError):
+        return None
