@@ -133,7 +133,10 @@ class QueryHandler:
             return None
         except NotImplementedOpcode as exc:
             self.malformed["notimp"] += 1
-            return encode_error(exc.msg_id, exc.flags, NOTIMP)
+            opt = b""
+            if exc.edns is not None:
+                opt = encode_opt(self.udp_payload, NOTIMP, exc.edns.do, None)
+            return encode_error(exc.msg_id, exc.flags, NOTIMP, opt)
         except FormatError as exc:
             self.malformed["formerr"] += 1
             log.debug("FORMERR to %s: %s", client, exc)

@@ -33,11 +33,13 @@ from horizon_dns.core.wire import NOERROR, NXDOMAIN, REFUSED, SERVFAIL
 
 MAX_CNAME_DEPTH = 8
 _NO_CHASE = frozenset({QTYPE.CNAME, QTYPE.ANY})
+_ZONE_TRANSFERS = frozenset({251, 252})  # IXFR, AXFR: our zones are synthesized, nothing to transfer
 
 RCODE_NAMES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
 
 # RFC 8914 §4 info-codes used here.
 EDE_OTHER = 0
+EDE_PROHIBITED = 18
 EDE_NOT_AUTHORITATIVE = 20
 
 
@@ -179,6 +181,11 @@ class Pipeline:
 
     async def resolve(self, query: Query) -> tuple[Reply, Zone | None]:
         """Answer ``query``; the zone (if any) tells the edge whether RA is set."""
+        if query.qtype in _ZONE_TRANSFERS:
+            query.note("zone transfers are not offered -> REFUSED")
+            return Reply(
+                REFUSED, "pipeline", Outcome.REFUSED, "transfer", ede=(EDE_PROHIBITED, "no zone transfers")
+            ), None
         zone = self.zone_for(query.name)
         if zone is None:
             query.note(f"{query.name} is in no zone -> REFUSED")

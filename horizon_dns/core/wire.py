@@ -49,12 +49,13 @@ class Drop(Exception):
 
 
 class NotImplementedOpcode(Exception):
-    """The opcode is not QUERY; the edge answers NOTIMP."""
+    """The opcode is not QUERY; the edge answers NOTIMP (with OPT if the message had one)."""
 
-    def __init__(self, msg_id: int, flags: int) -> None:
+    def __init__(self, msg_id: int, flags: int, edns: Edns | None = None) -> None:
         super().__init__(f"opcode {(flags & OPCODE_MASK) >> 11} not implemented")
         self.msg_id = msg_id
         self.flags = flags
+        self.edns = edns
 
 
 class FormatError(Exception):
@@ -118,7 +119,7 @@ def decode_query(data: bytes) -> Query:
     if flags & QR:
         raise Drop("QR=1: a response, not a query")
     if flags & OPCODE_MASK:
-        raise NotImplementedOpcode(msg_id, flags)
+        raise NotImplementedOpcode(msg_id, flags, _find_opt(data, qdcount, ancount + nscount, arcount))
     if qdcount != 1:
         raise FormatError(msg_id, flags, f"QDCOUNT is {qdcount}, must be 1")
     try:
@@ -165,6 +166,28 @@ def decode_query(data: bytes) -> Query:
     )
 
 
+def _find_opt(data: bytes, qdcount: int, records: int, arcount: int) -> Edns | None:
+    """The OPT of any message, best effort: None when absent or undecodable.
+
+    RFC 6891 §7: a reply to a request with OPT carries OPT, even a NOTIMP.
+    """
+    try:
+        offset = HEADER.size
+        for _ in range(qdcount):
+            offset = skip_name(data, offset) + 4
+        for _ in range(records):
+            offset = _skip_rr(data, offset)
+        for _ in range(arcount):
+            start = offset
+            offset = _skip_rr(data, offset)
+            rtype, rclass, ttl, _rdlength = RR_FIXED.unpack_from(data, skip_name(data, start))
+            if rtype == TYPE_OPT:
+                return Edns(rclass, (ttl >> 16) & 0xFF, bool(ttl & EDNS_DO))
+    except (ValueError, struct.error):
+        return None
+    return None
+
+
 def _skip_rr(data: bytes, offset: int) -> int:
     offset = skip_name(data, offset)
     if offset + 10 > len(data):
@@ -176,7 +199,10 @@ def _skip_rr(data: bytes, offset: int) -> int:
     return offset
 
 
-def encode_error(msg_id: int, flags: int, rcode: int) -> bytes:
-    """A header-only reply: ID echoed, opcode and RD copied, QR set (RFC 1035 §4.1.1)."""
+def encode_error(msg_id: int, flags: int, rcode: int, opt: bytes = b"") -> bytes:
+    """A reply without question: ID echoed, opcode and RD copied, QR set (RFC 1035 §4.1.1).
+
+    ``opt`` is the OPT record to add when the request had one (RFC 6891 §7).
+    """
     out_flags = QR | (flags & (OPCODE_MASK | RD)) | (rcode & 0xF)
-    return HEADER.pack(msg_id, out_flags, 0, 0, 0, 0)
+    return HEADER.pack(msg_id, out_flags, 0, 0, 0, 1 if opt else 0) + opt
