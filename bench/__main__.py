@@ -13,9 +13,10 @@ Method (the one of ../shared/bench/README.md):
 * server CPU: utime+stime (+cutime+cstime: dnsmasq forks for TCP) from
   /proc/PID/stat before and after each measured run -> CPU µs per query and
   queries per server CPU-second (the fair figure once dnsperf saturates its CPU);
-* latency: one open-loop run per cell at 50% of that cell's median QPS
-  (``-Q RATE -v``); p50/p99 from dnsperf's per-query lines
-  ``> NOERROR h1.svc.mydomain.test A 0.000117`` (the last field is seconds);
+* latency: right after each closed-loop run, an open-loop run of the same length
+  at 50% of the QPS it reached (``-Q RATE -v``); p50/p99 from dnsperf's per-query
+  lines ``> NOERROR h1.svc.mydomain.test A 0.000117`` (the last field is seconds),
+  then the median over rounds;
 * memory: VmHWM (peak RSS) of each server at the end; and a separate horizon-dns
   with room for 100k cache entries: VmRSS idle, after 100k distinct names, and
   after a second (all-hit) pass over them.
@@ -203,7 +204,9 @@ class Processes:
             if answer_ok(ask(server.port, probe, 0.3)):
                 return server
             time.sleep(0.05)  # another process's listen(): nothing to await
-        raise RuntimeError(f"{server.label} does not answer {probe} A on port {server.port}:\n{server.log_tail()}")
+        raise RuntimeError(
+            f"{server.label} does not answer {probe} A on port {server.port}:\n{server.log_tail()}"
+        )
 
     def stop(self, server: Server) -> None:
         proc = server.proc
@@ -372,7 +375,7 @@ class Cell:
     qfile: Path
     tcp: bool
     runs: list[Run] = field(default_factory=list)
-    latency: Run | None = None
+    latency: list[Run] = field(default_factory=list)  # open loop, one per round
     skipped: str = ""
 
     @property
@@ -384,6 +387,11 @@ class Cell:
 
     def median(self, get: Callable[[Run], float]) -> float:
         values = [get(r) for r in self.good_runs()]
+        return statistics.median(values) if values else float("nan")
+
+    def latency_us(self, p: float) -> float:
+        """Median over rounds of the p-th percentile latency, in µs."""
+        values = [percentile(r.latencies, p) * 1e6 for r in self.latency if r.latencies]
         return statistics.median(values) if values else float("nan")
 
 
@@ -465,7 +473,7 @@ def machine_info(tools: dict[str, str], pinned: bool, cpus: list[int]) -> list[t
         ("nproc", f"{os.cpu_count()} (usable: {len(cpus)})"),
         ("CPU", cpu_model()),
         ("kernel", platform.release()),
-        ("pinning", f"servers taskset -c {cpus[1]}, dnsperf taskset -c {cpus[0]}" if pinned else "none (1 CPU)"),
+        ("pinning", f"servers taskset -c {cpus[1]}, dnsperf -c {cpus[0]}" if pinned else "none (1 CPU)"),
         ("python", f"{platform.python_version()} ({sys.executable})"),
         ("uvloop / dnslib / Jinja2", " / ".join(package_version(p) for p in ("uvloop", "dnslib", "Jinja2"))),
         ("horizon-dns", f"{package_version('horizon-dns')}, commit {git}"
@@ -524,16 +532,17 @@ def results_table(cells: dict[str, Cell]) -> str:
             cpu_pct = cell.median(lambda r: 100 * r.cpu_s / r.runtime if r.runtime else float("nan"))
             cpu_us = fmt(cell.median(lambda r: r.cpu_us_per_query), 1)
             if server.upstream is not None:
-                up = cell.median(lambda r: r.upstream_cpu_s / r.completed * 1e6 if r.completed else float("nan"))
+                up = cell.median(
+                    lambda r: r.upstream_cpu_s / r.completed * 1e6 if r.completed else float("nan")
+                )
                 cpu_us += f" (+{fmt(up, 1)} upstream)"
             lost = sum(r.lost for r in cell.runs)
             sent = sum(r.sent for r in cell.runs)
             bad = sum(r.not_noerror for r in cell.runs)
             lost_text = f"{lost}/{sent}" + (f", {bad} not NOERROR" if bad else "")
             lat = "–"
-            if cell.latency is not None and cell.latency.latencies:
-                values = cell.latency.latencies
-                lat = f"{percentile(values, 50) * 1e6:.0f}/{percentile(values, 99) * 1e6:.0f}"
+            if any(r.latencies for r in cell.latency):
+                lat = f"{cell.latency_us(50):.0f}/{cell.latency_us(99):.0f}"
             is_peer = key in ("dnsmasq", "unbound")
             rows.append([
                 scenario.key,
@@ -554,7 +563,7 @@ def results_table(cells: dict[str, Cell]) -> str:
 
 
 def rounds_table(cells: dict[str, Cell], rounds: int) -> str:
-    header = ["cell"] + [f"round {i + 1} QPS / CPU µs per query / lost" for i in range(rounds)]
+    header = ["cell"] + [f"round {i + 1}: QPS / CPU µs per query / lost / p50-p99 µs" for i in range(rounds)]
     rows = []
     for cell in cells.values():
         row = [cell.name]
@@ -563,7 +572,14 @@ def rounds_table(cells: dict[str, Cell], rounds: int) -> str:
                 row.append("–")
                 continue
             run = cell.runs[i]
-            row.append(run.error[:60] if run.error else f"{kqps(run.qps)} / {fmt(run.cpu_us_per_query, 1)} / {run.lost}")
+            if run.error:
+                row.append(run.error[:60])
+                continue
+            lat = "–"
+            if i < len(cell.latency) and cell.latency[i].latencies:
+                values = cell.latency[i].latencies
+                lat = f"{percentile(values, 50) * 1e6:.0f}-{percentile(values, 99) * 1e6:.0f}"
+            row.append(f"{kqps(run.qps)} / {fmt(run.cpu_us_per_query, 1)} / {run.lost} / {lat}")
         rows.append(row)
     return table(header, rows, "l" + "r" * rounds)
 
@@ -573,6 +589,7 @@ def rounds_table(cells: dict[str, Cell], rounds: int) -> str:
 
 @dataclass
 class Memory:
+    count: int = 100_000
     idle_kib: int = 0
     after_kib: int = 0
     after_second_kib: int = 0
@@ -613,22 +630,24 @@ def check_after(server: Server, problems: list[str], what: str) -> bool:
 
 
 def memory_test(
-    procs: Processes, perf: Dnsperf, tmp: Path, pin: Sequence[str], problems: list[str]
+    procs: Processes, perf: Dnsperf, tmp: Path, pin: Sequence[str], problems: list[str], count: int
 ) -> Memory:
-    mem = Memory()
+    mem = Memory(count=count)
     rules = (CONFIGS / "rules-cache-100k.yaml").read_text()
-    server = procs.start(horizon_server(tmp, "hz-cache-100k", "horizon-dns cache (max_entries 200000)", rules), pin)
+    server = procs.start(
+        horizon_server(tmp, "hz-cache-100k", "horizon-dns cache (max_entries 200000)", rules), pin
+    )
     time.sleep(1.0)
     mem.idle_kib = proc_status_kib(server.pid, "VmRSS")
-    qfile = write_queries(tmp, 100_000)
-    say("memory: 100k distinct names, first pass (template + store)")
+    qfile = write_queries(tmp, count)
+    say(f"memory: {count} distinct names, first pass (template + store)")
     mem.first = perf.run(server, qfile, 120, maxruns=1)
-    if check_after(server, problems, "the 100k-name pass"):
+    if check_after(server, problems, f"the {count}-name pass"):
         time.sleep(0.5)
         mem.after_kib = proc_status_kib(server.pid, "VmRSS")
         say("memory: second pass (all cache hits)")
         mem.second = perf.run(server, qfile, 120, maxruns=1)
-        if check_after(server, problems, "the second 100k-name pass"):
+        if check_after(server, problems, f"the second {count}-name pass"):
             mem.after_second_kib = proc_status_kib(server.pid, "VmRSS")
             mem.hwm_kib = proc_status_kib(server.pid, "VmHWM")
     procs.stop(server)
@@ -655,14 +674,16 @@ def memory_section(mem: Memory) -> str:
         "| horizon-dns, cache variant with `max_entries: 200000` | VmRSS MiB |",
         "|---|---:|",
         f"| idle (after start and one query) | {mib(mem.idle_kib)} |",
-        f"| after 100k distinct names (one pass) | {mib(mem.after_kib)} |",
+        f"| after {mem.count:,} distinct names (one pass) | {mib(mem.after_kib)} |",
         f"| after a second pass over them (all hits) | {mib(mem.after_second_kib)} |",
         f"| peak (VmHWM) | {mib(mem.hwm_kib)} |",
         "",
-        f"Growth for 100k cached names: {grown / 1024:.1f} MiB, about {grown * 1024 / 100_000:.0f} bytes "
-        "per cached name (entry, key, packed reply, LRU links, and allocator slack).",
+        f"Growth for {mem.count:,} cached names: {grown / 1024:.1f} MiB, about "
+        f"{grown * 1024 / mem.count:.0f} bytes per cached name (entry, key, packed reply, LRU links, "
+        "allocator slack).",
         "",
-        f"- first pass (every name a miss: task, template render, dnslib record parse, store): {run_text(mem.first)}",
+        "- first pass (every name a miss: task, template render, dnslib record parse, store): "
+        + run_text(mem.first),
         f"- second pass (every name a hot-path hit): {run_text(mem.second)}",
         "",
         "The default `max_entries` is 10000, so a default cache stays near a tenth of this growth.",
@@ -680,12 +701,15 @@ def write_report(
     servers: list[Server],
 ) -> str:
     main_table = results_table(cells)
-    kind = "quick run (`python -m bench --quick`)" if args.quick else f"`python -m bench --rounds {args.rounds}`"
+    kind = (
+        "quick run (`python -m bench --quick`)" if args.quick else f"`python -m bench --rounds {args.rounds}`"
+    )
     parts = [
         "# horizon-dns benchmark: against dnsmasq and unbound",
         "",
         f"Written by {kind}. Regenerate with `python -m bench` from the repository root "
-        "(about 5 minutes; `--quick`: one short round, about 1.5 minutes).",
+        "(about 8 minutes; `--quick`: one short round and 10k names in the memory test, about 1.5 "
+        "minutes).",
         "",
         "## Machine",
         "",
@@ -704,9 +728,9 @@ def write_report(
         "over the run time (100 = the server's core is saturated; below that dnsperf, on the other core, "
         "is the limit); **CPU µs/query** and **queries per CPU-s** the server's utime+stime per answered "
         "query (the fair comparison once dnsperf saturates its core, about 150-170k QPS here); "
-        "**lost** over all measured runs; **p50/p99** from one open-loop run (`-Q` at 50% of that "
-        "cell's median QPS, `-v` per-query latencies); **peak RSS** VmHWM at the end of the run "
-        "(the peers' row is shown once).",
+        "**lost** over all closed-loop runs; **p50/p99** from an open-loop run after each closed-loop "
+        "one (`-Q` at 50% of the QPS it reached, `-v` per-query latencies), median over rounds; "
+        "**peak RSS** VmHWM at the end of the run (the peers' row is shown once).",
         "",
         "Scenarios: **hit** horizon-dns with `cache` first and a template behind it (after the first "
         "query per name, answered from the hot path), dnsmasq `address=/mydomain.test/100.64.0.7`, "
@@ -735,7 +759,9 @@ def write_report(
         "",
         "## Problems seen",
         "",
-        "\n".join(f"- {p}" for p in problems) if problems else "None: no crash, no lost query, every reply NOERROR.",
+        "\n".join(f"- {p}" for p in problems)
+        if problems
+        else "None: no crash, no lost query, every reply NOERROR.",
         "",
     ]
     text = "\n".join(parts)
@@ -777,7 +803,9 @@ def run(args: argparse.Namespace) -> int:
         )  # fmt: skip
         unbound_port = free_port()
         unbound_conf = tmp / "unbound.conf"
-        unbound_conf.write_text((CONFIGS / "unbound.conf.in").read_text().replace("@PORT@", str(unbound_port)))
+        unbound_conf.write_text(
+            (CONFIGS / "unbound.conf.in").read_text().replace("@PORT@", str(unbound_port))
+        )
         unbound = Server(
             "unbound", "unbound (1 thread)", unbound_port, [found["unbound"], "-d", "-c", str(unbound_conf)],
             tmp / "unbound.log",
@@ -825,26 +853,26 @@ def run(args: argparse.Namespace) -> int:
                         f"{cell.name} round {round_no + 1}: {result.lost} of {result.sent} queries lost"
                         + (f", response codes {result.rcodes}" if result.not_noerror else "")
                     )
+                if not result.error and check_after(server, problems, f"{cell.name} round {round_no + 1}"):
+                    # Open loop at half of what this round's closed loop reached: latency.
+                    rate = max(100, int(result.qps / 2))
+                    latency = perf.run(
+                        server, cell.qfile, args.seconds, tcp=cell.tcp, rate=rate, verbose=True
+                    )
+                    cell.latency.append(latency)
+                    if latency.error:
+                        problems.append(f"{cell.name} round {round_no + 1} latency run: {latency.error}")
+                    elif latency.lost or latency.not_noerror:
+                        problems.append(
+                            f"{cell.name} round {round_no + 1} latency run at {rate} QPS: {latency.lost} of "
+                            f"{latency.sent} lost"
+                            + (f", response codes {latency.rcodes}" if latency.not_noerror else "")
+                        )
                 check_after(server, problems, f"{cell.name} round {round_no + 1}")
                 if server.upstream is not None:
                     check_after(server.upstream, problems, f"{cell.name} round {round_no + 1}")
             # Kept in their round order: the cell order is the same in every table.
             say(f"  round {round_no + 1} done at {time.monotonic() - started:.0f} s")
-
-        for cell in order:
-            if not cell.server.alive() or not cell.good_runs():
-                continue
-            rate = max(100, int(cell.median(lambda r: r.qps) / 2))
-            say(f"latency: {cell.name} at {rate} QPS open loop")
-            cell.latency = perf.run(cell.server, cell.qfile, args.seconds, tcp=cell.tcp, rate=rate, verbose=True)
-            if cell.latency.error:
-                problems.append(f"{cell.name} latency run: dnsperf failed: {cell.latency.error}")
-            elif cell.latency.lost or cell.latency.not_noerror:
-                problems.append(
-                    f"{cell.name} latency run at {rate} QPS: {cell.latency.lost} of {cell.latency.sent} lost"
-                    + (f", response codes {cell.latency.rcodes}" if cell.latency.not_noerror else "")
-                )
-            check_after(cell.server, problems, f"{cell.name} latency run")
 
         for server in servers.values():
             if server.alive():
@@ -862,14 +890,13 @@ def run(args: argparse.Namespace) -> int:
 
         if not args.skip_memory:
             try:
-                mem = memory_test(procs, perf, tmp, server_pin, problems)
+                mem = memory_test(procs, perf, tmp, server_pin, problems, 10_000 if args.quick else 100_000)
             except RuntimeError as exc:
                 mem = Memory(error=str(exc))
             for run_ in (mem.first, mem.second):
                 if run_ is not None and (run_.error or run_.lost or run_.not_noerror):
-                    problems.append(
-                        f"memory test: {run_.error or f'{run_.lost} of {run_.sent} lost, rcodes {run_.rcodes}'}"
-                    )
+                    what = run_.error or f"{run_.lost} of {run_.sent} lost, rcodes {run_.rcodes}"
+                    problems.append(f"memory test: {what}")
 
         info = machine_info(found, pinned, cpus)
         all_servers = list(servers.values()) + [s for s in procs.servers if s.key == "hz-cache-100k"]
@@ -899,7 +926,11 @@ def _interrupt(signum: int, _frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1 round of 2 s runs (under 2 minutes)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="1 round of 2 s runs, 10k names in the memory test (under 2 minutes)",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--seconds", type=float, default=5, help="dnsperf -l per measured run (default 5)")
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md", help="markdown report path")

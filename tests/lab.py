@@ -84,10 +84,10 @@ class Lab:
         for family, group in (("ip", "224.0.0.0/4"), ("ip6", "ff00::/8")):
             self.bridge("nft", "add", "table", "bridge", "hzmc")
             self.bridge(
-                "nft", "add", "chain", "bridge", "hzmc", "fwd", "{ type filter hook forward priority 0 ; }"
+                "nft", "add", "chain", "bridge", "hzmc", "mcdrop", "{ type filter hook forward priority 0 ; }"
             )
             result = self.bridge(
-                "nft", "add", "rule", "bridge", "hzmc", "fwd", family, "daddr", group, "drop"
+                "nft", "add", "rule", "bridge", "hzmc", "mcdrop", family, "daddr", group, "drop"
             )
             if result.returncode != 0:
                 raise RuntimeError(f"nft failed: {result.stderr}")

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from horizon_dns.config.source import Section
 from horizon_dns.core.stage import Stage
-from horizon_dns.stages import cache, forward, template
+from horizon_dns.stages import cache, forward, overlay, template
 from horizon_dns.stages.context import BuildContext
 
 StageBuilder = Callable[[Section, BuildContext], Stage | None]
@@ -20,6 +20,7 @@ StageBuilder = Callable[[Section, BuildContext], Stage | None]
 REGISTRY: dict[str, StageBuilder] = {
     "cache": cache.build,
     "template": template.build,
+    "overlay": overlay.build,
     "forward": forward.build,
 }
 

@@ -1,0 +1,301 @@
+"""How the overlay stage asks the network for a host: mDNS, LLMNR, and known peers.
+
+Contract: each lookup is ``await method(host, version, timeout) -> list[IPAddress]``
+for one host label (``nodeb``) and one IP version (4 or 6); an empty list means
+"not found by this method within timeout". Lookups never raise for network
+trouble. They send only on the configured interfaces and to the configured peers.
+
+* :class:`MdnsLookup` asks ``host.local`` through one shared python-zeroconf
+  instance bound to the configured interfaces (RFC 6762);
+* :class:`LlmnrLookup` asks ``host`` on 224.0.0.252 / ff02::1:3 and returns the
+  first answer (RFC 4795 §2);
+* :class:`PeerLookup` asks each known peer directly, for overlays without
+  multicast (tailscale): LLMNR over TCP 5355 (RFC 4795 §2.4; systemd-resolved
+  answers it) and a legacy unicast mDNS query to UDP 5353 (RFC 6762 §6.7; avahi
+  answers it over IPv4), with bounded fan-out. The peer list comes from config,
+  a file, or a command's output (``tailscale status --json``), refreshed
+  periodically; a command that hangs or prints garbage keeps the last good list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import secrets
+import shlex
+import socket
+import struct
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from dnslib import QTYPE, DNSRecord
+
+from horizon_dns.llmnr.responder import Interface
+from horizon_dns.net.llmnr import query_multicast, query_tcp
+
+log = logging.getLogger("horizon_dns.net.overlay")
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Lookup = Callable[[str, int, float], Awaitable[list[IPAddress]]]
+
+
+async def first_found(asks: Sequence[Awaitable[list[IPAddress]]]) -> list[IPAddress]:
+    """The first non-empty result of concurrent lookups; the others are cancelled."""
+    tasks = [asyncio.ensure_future(ask) for ask in asks]
+    try:
+        for done in asyncio.as_completed(tasks):
+            found = await done
+            if found:
+                return found
+        return []
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def addresses_in(reply: bytes, version: int) -> list[IPAddress]:
+    """A/AAAA addresses of the wanted version in a DNS/LLMNR/mDNS reply."""
+    try:
+        record = DNSRecord.parse(reply)
+    except Exception:  # a peer's garbage is a miss, not an error
+        return []
+    wanted = QTYPE.A if version == 4 else QTYPE.AAAA
+    out: list[IPAddress] = []
+    for rr in record.rr + record.ar:
+        if rr.rtype == wanted:
+            with contextlib.suppress(ValueError):
+                out.append(ipaddress.ip_address(str(rr.rdata)))
+    return out
+
+
+class MdnsLookup:
+    """``host.local`` through python-zeroconf (one AsyncZeroconf for the process)."""
+
+    name = "mdns"
+
+    def __init__(self, interfaces: Callable[[], list[Interface]]) -> None:
+        self.interfaces = interfaces
+        self.zeroconf: Any = None
+
+    async def start(self) -> None:
+        from zeroconf import IPVersion
+        from zeroconf.asyncio import AsyncZeroconf
+
+        addresses = [str(a.ip) for i in self.interfaces() for a in i.addresses if not a.ip.is_link_local]
+        v4 = [a for a in addresses if ":" not in a]
+        # zeroconf takes interface *addresses*; IPv6 ones need the scope, so use indexes for v6.
+        indexes = [i.index for i in self.interfaces()]
+        choice: list[str | int] = [*v4, *indexes] if v4 or indexes else []
+        self.zeroconf = AsyncZeroconf(interfaces=choice or None, ip_version=IPVersion.All)  # type: ignore[arg-type]
+
+    async def stop(self) -> None:
+        if self.zeroconf is not None:
+            await self.zeroconf.async_close()
+            self.zeroconf = None
+
+    async def __call__(self, host: str, version: int, timeout: float) -> list[IPAddress]:
+        from zeroconf import (  # type: ignore[attr-defined]  # exported, but not in __all__
+            AddressResolverIPv4,
+            AddressResolverIPv6,
+            IPVersion,
+        )
+
+        if self.zeroconf is None:
+            return []
+        cls = AddressResolverIPv4 if version == 4 else AddressResolverIPv6
+        resolver = cls(f"{host}.local.")
+        try:
+            await resolver.async_request(self.zeroconf.zeroconf, int(timeout * 1000))  # milliseconds
+        except Exception as exc:  # zeroconf errors are misses here
+            log.debug("mDNS lookup of %s.local failed: %s", host, exc)
+            return []
+        ip_version = IPVersion.V4Only if version == 4 else IPVersion.V6Only
+        return list(resolver.ip_addresses_by_version(ip_version))
+
+
+class LlmnrLookup:
+    """``host`` by LLMNR multicast on the configured interfaces; first answer wins."""
+
+    name = "llmnr"
+
+    def __init__(self, interfaces: Callable[[], list[Interface]]) -> None:
+        self.interfaces = interfaces
+
+    async def __call__(self, host: str, version: int, timeout: float) -> list[IPAddress]:
+        qtype = QTYPE.A if version == 4 else QTYPE.AAAA
+
+        async def ask(interface: Interface, family: int) -> list[IPAddress]:
+            replies = await query_multicast(host, qtype, interface, timeout, family, first=True)
+            return [address for _source, reply in replies for address in addresses_in(reply, version)]
+
+        families = (socket.AF_INET, socket.AF_INET6)
+        return await first_found([ask(i, f) for i in self.interfaces() for f in families])
+
+
+def parse_peers(text: str) -> list[str]:
+    """Peer addresses from a command's or file's output.
+
+    Accepts ``tailscale status --json`` (``Peer.*.TailscaleIPs``), a JSON list of
+    addresses, or text with one address per line (``#`` comments allowed).
+    """
+    text = text.strip()
+    found: list[str] = []
+    if text.startswith(("{", "[")):
+        data = json.loads(text)
+        if isinstance(data, dict):
+            peers = data.get("Peer") or {}
+            if not isinstance(peers, dict):
+                raise ValueError("'Peer' is not an object")
+            for peer in peers.values():
+                if isinstance(peer, dict):
+                    found.extend(str(ip) for ip in peer.get("TailscaleIPs") or [])
+        elif isinstance(data, list):
+            found.extend(str(ip) for ip in data)
+    else:
+        for line in text.splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                found.append(line.split()[0])
+    out = []
+    for item in found:
+        ipaddress.ip_address(item)  # raises on garbage: the caller keeps the old list
+        if item not in out:
+            out.append(item)
+    return out
+
+
+class PeerLookup:
+    """Ask known peers directly: LLMNR over TCP and legacy unicast mDNS, bounded fan-out."""
+
+    name = "peers"
+
+    def __init__(
+        self,
+        peers: Sequence[str] = (),
+        peers_file: str = "",
+        peers_command: str = "",
+        refresh: float = 60.0,
+        fanout: int = 16,
+        command_timeout: float = 5.0,
+    ) -> None:
+        self.static = list(peers)
+        self.peers_file = peers_file
+        self.peers_command = peers_command
+        self.refresh = refresh
+        self.fanout = asyncio.Semaphore(fanout) if fanout else None
+        self.fanout_size = fanout
+        self.command_timeout = command_timeout
+        self.dynamic: list[str] = []
+        self.refresh_errors = 0
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def peers(self) -> list[str]:
+        return self.static + [p for p in self.dynamic if p not in self.static]
+
+    async def start(self) -> None:
+        self.fanout = asyncio.Semaphore(self.fanout_size)
+        if self.peers_file or self.peers_command:
+            await self.reload()
+            self._task = asyncio.get_running_loop().create_task(self._refresh_loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh)
+            await self.reload()
+
+    async def reload(self) -> None:
+        """Re-read the peer list; on any failure keep the last good one."""
+        try:
+            if self.peers_command:
+                text = await self._run_command()
+            else:
+                text = Path(self.peers_file).read_text()
+            self.dynamic = parse_peers(text)
+        except Exception as exc:  # a broken peer source must never stop lookups
+            self.refresh_errors += 1
+            source = self.peers_command or self.peers_file
+            log.warning(
+                "overlay peers: %s failed (%s); keeping %d known peers", source, exc, len(self.dynamic)
+            )
+
+    async def _run_command(self) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            *shlex.split(self.peers_command),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+            stdin=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            stdout, _ = await asyncio.wait_for(proc.communicate(), self.command_timeout)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise TimeoutError(f"no output within {self.command_timeout} s") from None
+        if proc.returncode != 0:
+            raise RuntimeError(f"exit status {proc.returncode}")
+        return stdout.decode("utf-8", "replace")
+
+    async def __call__(self, host: str, version: int, timeout: float) -> list[IPAddress]:
+        peers = self.peers
+        if not peers:
+            return []
+        qtype = QTYPE.A if version == 4 else QTYPE.AAAA
+        return await first_found([self._ask(peer, host, qtype, version, timeout) for peer in peers])
+
+    async def _ask(self, peer: str, host: str, qtype: int, version: int, timeout: float) -> list[IPAddress]:
+        assert self.fanout is not None
+
+        async def via(reply: Awaitable[bytes | None]) -> list[IPAddress]:
+            data = await reply
+            return addresses_in(data, version) if data else []
+
+        async with self.fanout:
+            asks = [via(query_tcp(peer, host, qtype, timeout))]
+            if ":" not in peer:  # avahi answers legacy unicast over IPv4 only
+                asks.append(via(query_mdns_unicast(peer, f"{host}.local", qtype, timeout)))
+            return await first_found(asks)
+
+
+class _OneReply(asyncio.DatagramProtocol):
+    def __init__(self, msg_id: int) -> None:
+        self.msg_id = msg_id
+        self.reply: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+        if len(data) >= 2 and struct.unpack_from("!H", data)[0] == self.msg_id and not self.reply.done():
+            self.reply.set_result(data)
+
+
+async def query_mdns_unicast(peer: str, name: str, qtype: int, timeout: float) -> bytes | None:
+    """A legacy unicast mDNS query (RFC 6762 §6.7): from a port other than 5353, to peer:5353."""
+    from horizon_dns.core.names import text_to_name
+
+    msg_id = secrets.randbits(16)
+    message = (
+        struct.pack("!HHHHHH", msg_id, 0, 1, 0, 0, 0) + text_to_name(name) + struct.pack("!HH", qtype, 1)
+    )
+    loop = asyncio.get_running_loop()
+    try:
+        transport, protocol = await loop.create_datagram_endpoint(
+            lambda: _OneReply(msg_id), remote_addr=(peer, 5353)
+        )
+    except OSError:
+        return None
+    try:
+        transport.sendto(message)
+        return await asyncio.wait_for(protocol.reply, timeout)
+    except (TimeoutError, OSError):
+        return None
+    finally:
+        transport.close()

@@ -1,0 +1,308 @@
+"""The ``overlay`` stage: ``host.mydomain.tld`` answered by asking the overlay for ``host``.
+
+YAML::
+
+    - overlay:
+        name: lan
+        host: '^(?P<host>[^.]+)\\.mydomain\\.tld\\.$'   # default: the one label left of the zone
+        methods: [mdns, llmnr, peers]   # default: mdns and llmnr, plus peers when any are given
+        interfaces: [zt0]               # multicast on these (default: every up, multicast one)
+        peers: [100.64.0.2]             # unicast peers, for overlays without multicast
+        peers_file: /etc/horizon-dns/peers      # one address a line, or JSON
+        peers_command: tailscale status --json  # run every peers_refresh seconds
+        peers_refresh: 60
+        prefer: [100.64.0.0/10, "fd7a:115c:a1e0::/48"]   # these addresses first
+        timeout: 0.3                    # seconds for a lookup, all methods at once
+        ttl: 30                         # of answers
+        negative_ttl: 30                # a host not found is not asked again for this long
+
+Contract: for A and AAAA of a name whose host label it can derive, the stage
+asks every method concurrently for both IP versions and answers with the first
+method's addresses of the asked version -- never link-local ones, which a client
+elsewhere cannot use, and those inside ``prefer`` first. A host found only with
+the other version gets NODATA (NOERROR + SOA), never NXDOMAIN (mixed answers
+break musl). A host nobody knows gets NXDOMAIN, so a zone ``fallback`` can ask
+public DNS instead. Results are cached per host and version (positive ``ttl``,
+negative ``negative_ttl``) and identical lookups in flight are shared. Names it
+cannot derive a host from, other classes and other types pass to the next stage
+(other types on a known host end in NODATA).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from dnslib import AAAA, QTYPE, RR, A
+
+from horizon_dns.config.source import Section, as_str, int_range, item_node, number_range
+from horizon_dns.core.message import Outcome, Query, Reply
+from horizon_dns.core.stage import Next
+from horizon_dns.core.wire import NOERROR, NXDOMAIN
+from horizon_dns.net.overlay import IPAddress, LlmnrLookup, Lookup, MdnsLookup, PeerLookup, first_found
+from horizon_dns.stages.context import BuildContext
+
+log = logging.getLogger("horizon_dns.stages.overlay")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
+
+
+@dataclass(slots=True)
+class _Known:
+    addresses: list[IPAddress]
+    method: str
+    expires: float
+
+
+def usable(addresses: Sequence[IPAddress], prefer: Sequence[Network]) -> list[IPAddress]:
+    """Drop link-local and unspecified addresses; put those inside ``prefer`` first."""
+    kept = [a for a in addresses if not a.is_link_local and not a.is_unspecified and not a.is_multicast]
+    seen: list[IPAddress] = []
+    for address in kept:
+        if address not in seen:
+            seen.append(address)
+    return sorted(seen, key=lambda a: not any(a.version == n.version and a in n for n in prefer))
+
+
+class OverlayStage:
+    """Resolves hosts of the overlay through mDNS, LLMNR and known peers."""
+
+    recurses = False
+
+    def __init__(
+        self,
+        name: str,
+        zone: str,
+        methods: dict[str, Lookup],
+        host_pattern: re.Pattern[str] | None = None,
+        prefer: Sequence[Network] = (),
+        timeout: float = 0.3,
+        ttl: int = 30,
+        negative_ttl: int = 30,
+        soa: RR | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        services: Sequence[Any] = (),
+    ) -> None:
+        self.name = name
+        self.zone = zone
+        self.methods = methods
+        self.host_pattern = host_pattern
+        self.prefer = list(prefer)
+        self.timeout = timeout
+        self.ttl = ttl
+        self.negative_ttl = negative_ttl
+        self.soa = soa
+        self.clock = clock
+        self.services = list(services)  # objects with start()/stop(): zeroconf, peer refresh
+        self.known: dict[tuple[str, int], _Known] = {}
+        self.inflight: dict[tuple[str, int], asyncio.Future[_Known]] = {}
+        self.lookups: dict[tuple[str, str], int] = {}  # (method, found|missed) -> count
+
+    async def start(self) -> None:
+        for service in self.services:
+            await service.start()
+
+    async def stop(self) -> None:
+        for future in self.inflight.values():
+            future.cancel()
+        for service in reversed(self.services):
+            await service.stop()
+
+    def host_of(self, name: str) -> str | None:
+        """The host label a query name stands for, or None."""
+        if self.host_pattern is not None:
+            found = self.host_pattern.search(name)
+            host = found.group("host") if found else None
+        else:
+            suffix = "." + self.zone if self.zone != "." else ""
+            if not name.endswith(suffix) or name == self.zone:
+                return None
+            host = name[: len(name) - len(suffix)].rstrip(".")
+        if host is None or not _LABEL.match(host):
+            return None
+        return host
+
+    async def handle(self, query: Query, next: Next) -> Reply:
+        host = self.host_of(query.name) if query.qclass == 1 else None
+        if host is None:
+            query.note("  no host label in this name -> next")
+            return await next(query)
+        if query.qtype not in (QTYPE.A, QTYPE.AAAA, QTYPE.ANY):
+            exists = await self._exists(host, query)
+            if not exists:
+                return await next(query)
+            query.name_exists = query.name_exists or self.name
+            return await next(query)
+        version = 6 if query.qtype == QTYPE.AAAA else 4
+        # Both versions at once: the other one decides NODATA vs NXDOMAIN at no extra wait.
+        other = self._lookup(host, 10 - version, query)
+        known = await self._lookup(host, version, query)
+        records: list[RR] = []
+        if known.addresses:
+            records = self._records(query, known)
+            if query.qtype == QTYPE.ANY:
+                records += self._records(query, await other)
+            return Reply(
+                NOERROR, self.name, Outcome.ANSWER, f"{self.name}:{known.method}",
+                answer=records, authoritative=True,
+            )  # fmt: skip
+        other_known = await other
+        authority = [self.soa] if self.soa is not None else []
+        if other_known.addresses:
+            query.note(f"  {host} has only IPv{10 - version} addresses -> NODATA")
+            return Reply(
+                NOERROR, self.name, Outcome.NODATA, f"{self.name}:{other_known.method}",
+                authority=authority, authoritative=True,
+            )  # fmt: skip
+        query.note(f"  {host} not found by {', '.join(self.methods)} -> NXDOMAIN")
+        return Reply(
+            NXDOMAIN, self.name, Outcome.NXDOMAIN, f"{self.name}:not-found",
+            authority=authority, authoritative=True,
+        )  # fmt: skip
+
+    def _records(self, query: Query, known: _Known) -> list[RR]:
+        out = []
+        for address in known.addresses:
+            rdata = A(str(address)) if address.version == 4 else AAAA(str(address))
+            rtype = QTYPE.A if address.version == 4 else QTYPE.AAAA
+            out.append(RR(query.name, rtype, ttl=self.ttl, rdata=rdata))
+        return out
+
+    async def _exists(self, host: str, query: Query) -> bool:
+        four, six = await asyncio.gather(self._lookup(host, 4, query), self._lookup(host, 6, query))
+        return bool(four.addresses or six.addresses)
+
+    def _lookup(self, host: str, version: int, query: Query) -> asyncio.Future[_Known]:
+        """The cached result, the lookup in flight, or a new lookup -- as a future."""
+        key = (host, version)
+        known = self.known.get(key)
+        loop = asyncio.get_running_loop()
+        if known is not None and self.clock() < known.expires:
+            query.note(f"  IPv{version} of {host}: cached ({known.method or 'not found'})")
+            future: asyncio.Future[_Known] = loop.create_future()
+            future.set_result(known)
+            return future
+        running = self.inflight.get(key)
+        if running is not None:
+            return running
+        task = loop.create_task(self._ask(host, version, query))
+        self.inflight[key] = task
+        task.add_done_callback(lambda _t: self.inflight.pop(key, None))
+        return task
+
+    async def _ask(self, host: str, version: int, query: Query) -> _Known:
+        started = self.clock()
+
+        async def via(method: str, lookup: Lookup) -> list[IPAddress]:
+            found = usable(await lookup(host, version, self.timeout), self.prefer)
+            self.lookups[(method, "found" if found else "missed")] = (
+                self.lookups.get((method, "found" if found else "missed"), 0) + 1
+            )
+            if found:
+                winner.append(method)
+            return found
+
+        winner: list[str] = []
+        try:
+            found = await asyncio.wait_for(
+                first_found([via(m, lookup) for m, lookup in self.methods.items()]), self.timeout + 0.05
+            )
+        except TimeoutError:
+            found = []
+        elapsed = (self.clock() - started) * 1000
+        method = winner[0] if winner and found else ""
+        outcome = f"{[str(a) for a in found]} by {method}" if found else "not found"
+        query.note(f"  IPv{version} of {host}: {outcome} in {elapsed:.1f} ms")
+        log.debug("%s: IPv%d of %s: %s in %.1f ms", self.name, version, host, outcome, elapsed)
+        lifetime = self.ttl if found else self.negative_ttl
+        known = _Known(found, method, self.clock() + lifetime)
+        self.known[(host, version)] = known
+        return known
+
+
+# Building from configuration ---------------------------------------------------
+
+METHODS = ("mdns", "llmnr", "peers")
+
+
+def build(section: Section, ctx: BuildContext) -> OverlayStage | None:
+    from horizon_dns.net.interfaces import list_interfaces
+
+    errors_before = section.where.error_count()
+    name = "overlay:" + section.get("name", as_str, default=ctx.zone.rstrip(".") or "root")
+    host_text = section.get("host", as_str, default="")
+    host_pattern = None
+    if host_text:
+        try:
+            host_pattern = re.compile(host_text)
+            if "host" not in host_pattern.groupindex:
+                section.where.child("host").error(
+                    section.node_of("host"), "the regex needs a named group (?P<host>...)"
+                )
+        except re.error as exc:
+            section.where.child("host").error(section.node_of("host"), f"invalid regex: {exc}")
+    interfaces = tuple(section.string_list("interfaces", default=[]))
+    peers = section.string_list("peers", default=[])
+    for i, peer in enumerate(peers):
+        try:
+            ipaddress.ip_address(peer)
+        except ValueError:
+            section.where.child("peers").child(i).error(
+                item_node(section.node_of("peers"), i), f"{peer!r} is not an IP address"
+            )
+    peers_file = section.get("peers_file", as_str, default="")
+    peers_command = section.get("peers_command", as_str, default="")
+    refresh = section.get("peers_refresh", number_range(1, 86400), default=60.0)
+    has_peers = bool(peers or peers_file or peers_command)
+    default_methods = ["mdns", "llmnr"] + (["peers"] if has_peers else [])
+    methods = section.string_list("methods", default=default_methods)
+    for i, method in enumerate(methods):
+        if method not in METHODS:
+            section.where.child("methods").child(i).error(
+                item_node(section.node_of("methods"), i),
+                f"unknown method {method!r}",
+                "use mdns, llmnr, peers",
+            )
+    if "peers" in methods and not has_peers:
+        section.where.child("methods").error(
+            section.node_of("methods"), "method 'peers' needs peers, peers_file or peers_command"
+        )
+    prefer: list[Network] = []
+    for i, text in enumerate(section.string_list("prefer", default=[])):
+        try:
+            prefer.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            section.where.child("prefer").child(i).error(
+                item_node(section.node_of("prefer"), i), f"{text!r} is not a network such as 100.64.0.0/10"
+            )
+    timeout = section.get("timeout", number_range(0.01, 10), default=0.3)
+    ttl = section.get("ttl", int_range(0, 86400), default=30)
+    negative_ttl = section.get("negative_ttl", int_range(0, 86400), default=30)
+    section.finish()
+    if section.where.error_count() != errors_before:
+        return None
+
+    def listed() -> list[Any]:
+        return list_interfaces(interfaces)
+
+    lookups: dict[str, Lookup] = {}
+    services: list[Any] = []
+    for method in methods:
+        if method == "mdns":
+            mdns = MdnsLookup(listed)
+            lookups["mdns"], services = mdns, [*services, mdns]
+        elif method == "llmnr":
+            lookups["llmnr"] = LlmnrLookup(listed)
+        elif method == "peers":
+            peer_lookup = PeerLookup(peers, peers_file, peers_command, refresh)
+            lookups["peers"], services = peer_lookup, [*services, peer_lookup]
+    return OverlayStage(
+        name, ctx.zone, lookups, host_pattern, prefer, timeout, ttl, negative_ttl, ctx.soa, services=services
+    )
