@@ -193,7 +193,7 @@ def test_shipped_rules_pass_check() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert (
-        "zone mydomain.tld.: cache, template:service-cname, template:hub-alias;"
+        "zone mydomain.tld.: cache, template:service-cname, template:hub-alias, overlay:mydomain.tld;"
         " on NXDOMAIN,REFUSED,SERVFAIL fall back to zone ." in result.stdout
     )
     assert "warning" not in result.stderr
@@ -219,3 +219,12 @@ def test_check_cli_lists_every_error_and_exits_1(tmp_path: Path) -> None:
     )
     assert "10-test.yaml:9:" in result.stderr and "'grup'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("example", ["zerotier", "tailscale"])
+def test_example_rules_pass_check(tmp_path: Path, example: str) -> None:
+    root = Path(__file__).resolve().parent.parent
+    rules = (root / "rules" / "examples" / f"{example}.yaml").read_text()
+    config = config_from(tmp_path, rules, "zones:\n  .:\n    stages:\n      - forward: {upstreams: [127.0.0.1:9]}\n")
+    names = [stage.name for zone in config.zones for stage in zone.stages]
+    assert f"overlay:{example}" in names
