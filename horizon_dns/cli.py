@@ -32,7 +32,8 @@ def _load(path: str | None) -> Config | None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from horizon_dns.net.server import BindError, install_uvloop, serve
+    from horizon_dns.net.server import BindError, install_uvloop
+    from horizon_dns.runtime import serve
 
     config = _load(args.config)
     if config is None:

@@ -72,7 +72,10 @@ def start_server(
     (rules_dir / "10-test.yaml").write_text(textwrap.dedent(rules))
     listen = [f'"127.0.0.1:{port}"'] + ([f'"[::1]:{port}"'] if ipv6 else [])
     config = tmp / "horizon.yaml"
-    config.write_text(f"listen: [{', '.join(listen)}]\nrules: rules\n" + textwrap.dedent(server_yaml))
+    head = f"listen: [{', '.join(listen)}]\nrules: rules\n"
+    if "metrics:" not in server_yaml:
+        head += "metrics: {listen: '127.0.0.1:0'}\n"  # tests run side by side: any free port
+    config.write_text(head + textwrap.dedent(server_yaml))
     log = tmp / "server.log"
     with log.open("w") as handle:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(

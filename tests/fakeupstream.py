@@ -22,6 +22,7 @@ Every query is logged in ``log`` as (name, qtype, transport).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 import threading
@@ -163,6 +164,8 @@ class FakeUpstream:
             pass
         finally:
             writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
 
 
 class _Udp(asyncio.DatagramProtocol):

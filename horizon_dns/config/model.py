@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -84,6 +85,12 @@ class Config:
     warnings: list[ConfigIssue] = field(default_factory=list)
     guard: LoopGuard = field(default_factory=LoopGuard)
     llmnr: LlmnrSettings | None = None
+    metrics: ListenAddress | None = None  # None: no metrics listener
+    query_log_sample: float | None = None  # None: no query log
+    nsid: str = ""  # RFC 5001 identifier; "" answers no NSID
+    watch: bool = True  # reload when a config or rules file changes
+    path: Path | None = None  # the server file; None for the embedded default
+    rules_dir: Path | None = None
 
     def pipeline(self) -> Pipeline:
         return Pipeline(self.zones, guard=self.guard)
@@ -357,6 +364,33 @@ def _label(text: str) -> str:
     return name
 
 
+DEFAULT_METRICS = "127.0.0.1:9153"  # CoreDNS's port
+
+
+def _read_metrics(section: Section) -> ListenAddress | None:
+    node = section.raw("metrics")
+    if isinstance(node, ScalarNode) and scalar_value(node) is False:
+        return None
+    metrics = Section(node, section.where.child("metrics"))
+    text = metrics.get("listen", as_str, default=DEFAULT_METRICS)
+    metrics.finish()
+    try:
+        return parse_listen(text)
+    except ValueError as exc:
+        metrics.where.child("listen").error(metrics.node_of("listen"), str(exc))
+        return None
+
+
+def _read_query_log(section: Section) -> float | None:
+    node = section.raw("query_log")
+    if node is None or (isinstance(node, ScalarNode) and scalar_value(node) is False):
+        return None
+    query_log = Section(node, section.where.child("query_log"))
+    sample = query_log.get("sample", number_range(0.0, 1.0), default=1.0)
+    query_log.finish()
+    return sample
+
+
 def _read_llmnr(section: Section) -> LlmnrSettings:
     interfaces = tuple(section.string_list("interfaces", default=[]))
     aliases: list[str] = []
@@ -417,10 +451,15 @@ def _read_server(loader: _Loader, section: Section, base: Path, rules_optional: 
     tcp.finish()
     if section.has("llmnr"):
         config.llmnr = _read_llmnr(section.section("llmnr"))
+    config.metrics = _read_metrics(section)
+    config.query_log_sample = _read_query_log(section)
+    config.nsid = section.get("nsid", as_str, default=socket.gethostname().split(".")[0])
+    config.watch = section.get("watch", as_bool, default=True)
     rules = section.get("rules", as_str, default="rules")
     loader.read_rules_content(section)
     section.finish()
     rules_dir = (base / rules) if not os.path.isabs(rules) else Path(rules)
+    config.rules_dir = rules_dir
     if rules_dir.is_dir():
         for path in sorted(rules_dir.glob("*.yaml")):
             rules_section = loader.read_file(path)
@@ -450,6 +489,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     config.aliases = loader.aliases
     config.zones = loader.build_zones()
     config.guard = loader.guard
+    config.path = Path(path) if path is not None else None
     config.files = loader.files
     order = {file: n for n, file in enumerate(loader.files)}
     issues = sorted(loader.issues, key=lambda i: (order.get(i.file, len(order)), i.line))

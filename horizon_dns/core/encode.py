@@ -53,11 +53,15 @@ def encode_reply(
     limit: int,
     recursion_available: bool,
     payload: int = DEFAULT_UDP_PAYLOAD,
+    nsid: bytes | None = None,
 ) -> bytes:
-    """Pack ``reply`` as the answer to ``query``; truncate (TC=1) if over ``limit``."""
+    """Pack ``reply`` as the answer to ``query``; truncate (TC=1) if over ``limit``.
+
+    ``nsid`` is the RFC 5001 name-server identifier, for a query that asked for it.
+    """
     packed = pack_reply(query, reply)
     opt = b""
     if query.edns is not None:
         # RFC 3225 §3: the DO bit of the query is copied into the response.
-        opt = encode_opt(payload, packed.rcode, query.edns.do, reply.ede or packed.ede)
+        opt = encode_opt(payload, packed.rcode, query.edns.do, reply.ede or packed.ede, nsid)
     return serve(query.msg_id, query.flags, query.question, packed, opt, limit, recursion_available)

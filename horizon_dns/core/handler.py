@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import collections
 import logging
+import struct
+import time
 from collections.abc import Callable
 
 from horizon_dns.core.encode import (
@@ -28,6 +30,7 @@ from horizon_dns.core.encode import (
 from horizon_dns.core.message import Outcome, Query, Reply
 from horizon_dns.core.packed import encode_opt, serve
 from horizon_dns.core.pipeline import EDE_OTHER, Pipeline
+from horizon_dns.core.stats import Histogram
 from horizon_dns.core.wire import (
     BADVERS,
     CD,
@@ -47,27 +50,68 @@ from horizon_dns.core.wire import (
 
 log = logging.getLogger("horizon_dns.handler")
 
-#: Called with every reply sent; metrics and the query log hang off this.
-ReplyObserver = Callable[[Query, Reply, str], None]
+#: Called with every reply of the full path: (query, reply, zone name, seconds taken).
+ReplyObserver = Callable[[Query, Reply, str, float], None]
+
+#: Types counted under their own label; everything else is "other" (bounded cardinality).
+COUNTED_TYPES = frozenset(
+    {
+        "A",
+        "AAAA",
+        "CNAME",
+        "MX",
+        "TXT",
+        "PTR",
+        "SRV",
+        "NS",
+        "SOA",
+        "HTTPS",
+        "SVCB",
+        "ANY",
+        "CAA",
+        "DS",
+        "DNSKEY",
+    }
+)
+NSID_OPTION = 3  # RFC 5001
+
+
+def has_option(options: bytes, code: int) -> bool:
+    """Whether EDNS option ``code`` is among an OPT record's options (RFC 6891 §6.1.2)."""
+    offset = 0
+    while offset + 4 <= len(options):
+        option, length = struct.unpack_from("!HH", options, offset)
+        if option == code:
+            return True
+        offset += 4 + length
+    return False
 
 
 class QueryHandler:
     """Decodes, resolves through the current pipeline, encodes."""
 
-    def __init__(self, pipeline: Pipeline, udp_payload: int = DEFAULT_UDP_PAYLOAD) -> None:
+    def __init__(self, pipeline: Pipeline, udp_payload: int = DEFAULT_UDP_PAYLOAD, nsid: str = "") -> None:
         self.pipeline = pipeline
         self.udp_payload = udp_payload
-        # (stage, outcome, reason) -> replies; plain ints, exported by a collector later.
-        self.replies: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        #: RFC 5001: what `dig +nsid` is told; the node's name, so it says which node answered.
+        self.nsid = nsid.encode("utf-8")
+        # Plain ints, exported by horizon_dns.metrics at scrape time.
+        self.replies: collections.Counter[tuple[str, str, str]] = (
+            collections.Counter()
+        )  # stage, outcome, reason
+        self.responses: collections.Counter[tuple[str, str, str, int]] = collections.Counter()
+        self.durations: dict[str, Histogram] = collections.defaultdict(Histogram)
         self.malformed: collections.Counter[str] = collections.Counter()
         self.observers: list[ReplyObserver] = []
+        #: False while something must see every query (the query log): all take the full path.
+        self.fast_enabled = True
         self.fast_hits = 0
         self._opts: dict[tuple[int, bool, tuple[int, str] | None], bytes] = {}
 
     def fast_answer(self, data: bytes, tcp: bool = False) -> bytes | None:
         """The reply from a leading cache's fresh entry, or None to take the full path."""
         size = len(data)
-        if size < 17:
+        if size < 17 or not self.fast_enabled:
             return None
         msg_id, flags, qdcount, ancount, nscount, arcount = HEADER.unpack_from(data)
         # QR=0, opcode QUERY, one question, nothing but an optional OPT after it.
@@ -93,6 +137,8 @@ class QueryHandler:
             rtype, payload, ttl, rdlength = RR_FIXED.unpack_from(data, question_end + 1)
             if rtype != TYPE_OPT or question_end + 11 + rdlength != size or ttl & 0xFF0000:
                 return None
+            if rdlength and has_option(data[question_end + 11 :], NSID_OPTION):
+                return None  # the full path adds the NSID
             do = bool(ttl & EDNS_DO)
             limit = TCP_LIMIT if tcp else max(CLASSIC_UDP_LIMIT, min(payload, self.udp_payload))
         else:
@@ -153,8 +199,10 @@ class QueryHandler:
 
     async def answer(self, query: Query) -> bytes:
         """Resolve a decoded query and encode the reply for its transport."""
+        started = time.perf_counter()
         limit = TCP_LIMIT if query.transport == "tcp" else udp_limit(query, self.udp_payload)
         pipeline = self.pipeline  # a reload swaps this; the query stays on the one it started on
+        zone_name = "-"
         if query.edns is not None and query.edns.version > 0:
             # RFC 6891 §6.1.3: we implement version 0 only.
             reply = Reply(BADVERS, "edge", Outcome.OTHER, "badvers")
@@ -163,6 +211,7 @@ class QueryHandler:
             try:
                 reply, zone = await pipeline.resolve(query)
                 recursion = zone is not None and zone.recursion_available
+                zone_name = zone.name if zone is not None else "-"
             except Exception as exc:  # a stage bug must not take the server down
                 log.exception("stage failed on %s %s", query.name, query.type_name)
                 reply = Reply(
@@ -174,12 +223,19 @@ class QueryHandler:
                 )
                 recursion = False
         self.replies[(reply.stage, reply.outcome.value, reply.reason)] += 1
+        type_name = query.type_name if query.type_name in COUNTED_TYPES else "other"
+        self.responses[(zone_name, query.transport, type_name, reply.rcode)] += 1
+        elapsed = time.perf_counter() - started
+        self.durations[zone_name].observe(elapsed)
         for observer in self.observers:
-            observer(query, reply, query.transport)
+            observer(query, reply, zone_name, elapsed)
+        nsid = None
+        if self.nsid and query.edns is not None and has_option(query.edns.options, NSID_OPTION):
+            nsid = self.nsid
         try:
-            return encode_reply(query, reply, limit, recursion, self.udp_payload)
+            return encode_reply(query, reply, limit, recursion, self.udp_payload, nsid)
         except Exception:
             log.exception("could not encode the reply to %s %s", query.name, query.type_name)
             self.replies[("edge", Outcome.FAILED.value, "encode-error")] += 1
             fallback = Reply(SERVFAIL, "edge", Outcome.FAILED, "encode-error")
-            return encode_reply(query, fallback, limit, recursion, self.udp_payload)
+            return encode_reply(query, fallback, limit, recursion, self.udp_payload, nsid)

@@ -29,6 +29,7 @@ from horizon_dns.core.wire import AA, AD, CD, EDNS_DO, HEADER, QR, RA, RD, RR_FI
 
 _TTL = struct.Struct("!I")
 _EDE = 15  # RFC 8914 §2 option code
+_NSID = 3  # RFC 5001 §2.3
 TYPE_SOA = 6
 
 # What we advertise and send over UDP at most: DNS Flag Day 2020's value, which
@@ -183,13 +184,20 @@ def _find_ede(options: bytes) -> tuple[int, str] | None:
     return None
 
 
-def encode_opt(payload: int, rcode: int, do: bool, ede: tuple[int, str] | None) -> bytes:
-    """Our OPT record (RFC 6891 §6.1.2): root owner, payload in CLASS, flags in TTL."""
+def encode_opt(
+    payload: int, rcode: int, do: bool, ede: tuple[int, str] | None, nsid: bytes | None = None
+) -> bytes:
+    """Our OPT record (RFC 6891 §6.1.2): root owner, payload in CLASS, flags in TTL.
+
+    Options: NSID (RFC 5001, code 3) when given, Extended DNS Error (RFC 8914) when set.
+    """
     options = b""
+    if nsid:
+        options += _NSID.to_bytes(2, "big") + len(nsid).to_bytes(2, "big") + nsid
     if ede is not None:
         code, text = ede
         value = code.to_bytes(2, "big") + text.encode("utf-8")
-        options = _EDE.to_bytes(2, "big") + len(value).to_bytes(2, "big") + value
+        options += _EDE.to_bytes(2, "big") + len(value).to_bytes(2, "big") + value
     ttl = ((rcode >> 4) << 24) | (EDNS_DO if do else 0)
     return b"\x00" + RR_FIXED.pack(TYPE_OPT, payload, ttl, len(options)) + options
 

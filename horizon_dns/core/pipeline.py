@@ -19,6 +19,7 @@ Contract:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -29,6 +30,7 @@ from horizon_dns.core.message import Outcome, Query, Reply
 from horizon_dns.core.names import text_to_name
 from horizon_dns.core.packed import unpack_records
 from horizon_dns.core.stage import FastCache, Next, Stage
+from horizon_dns.core.stats import Histogram
 from horizon_dns.core.wire import NOERROR, NXDOMAIN, REFUSED, SERVFAIL
 
 MAX_CNAME_DEPTH = 8
@@ -55,8 +57,11 @@ class Zone:
     chain: Next = field(init=False)
     #: RA=1 in replies: some stage may ask other servers.
     recursion_available: bool = field(init=False)
+    #: Stage name -> time spent in it and the stages after it (seconds).
+    timings: dict[str, Histogram] = field(init=False)
 
     def __post_init__(self) -> None:
+        self.timings = {stage.name: Histogram() for stage in self.stages}
         self.chain = _build_chain(self, list(self.stages))
         self.recursion_available = any(stage.recurses for stage in self.stages)
 
@@ -102,15 +107,21 @@ def _build_chain(zone: Zone, stages: list[Stage]) -> Next:
 
     chain: Next = end_of_chain
     for stage in reversed(stages):
-        chain = _link(stage, chain)
+        chain = _link(stage, chain, zone.timings[stage.name])
     return chain
 
 
-def _link(stage: Stage, next_: Next) -> Next:
+def _link(stage: Stage, next_: Next, timing: Histogram) -> Next:
+    clock = time.perf_counter
+
     async def call(query: Query) -> Reply:
         if query.trace is not None:
             query.note(f"stage {stage.name}")
-        return await stage.handle(query, next_)
+        started = clock()
+        try:
+            return await stage.handle(query, next_)
+        finally:
+            timing.observe(clock() - started)
 
     return call
 

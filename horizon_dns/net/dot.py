@@ -94,12 +94,17 @@ class DotConnection:
             self.pending.pop(msg_id, None)
 
     async def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        writer = self.writer
+        if writer is not None:
+            writer.close()
         if self.reader_task is not None:
             self.reader_task.cancel()
             with contextlib.suppress(BaseException):
                 await self.reader_task
+        if writer is not None:
+            # TLS closes with a handshake: wait for it, briefly, so no socket outlives us.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 1)
 
 
 class DotPool:

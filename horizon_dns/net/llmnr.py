@@ -381,6 +381,8 @@ async def query_tcp(address: str, name: str, qtype: int, timeout: float) -> byte
             return data if struct.unpack_from("!H", data)[0] == msg_id else None
         finally:
             writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
 
     try:
         return await asyncio.wait_for(run(), timeout)

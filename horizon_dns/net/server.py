@@ -4,25 +4,21 @@ Contract: ``await DnsServer.start()`` binds UDP and TCP on each address (port 0
 picks one free port shared by both protocols) and returns once all listen;
 ``bound`` then lists the real addresses. ``await stop(timeout)`` stops
 accepting, lets in-flight queries finish for up to ``timeout`` seconds, and
-closes everything. ``serve(config)`` runs a server until SIGTERM or SIGINT.
+closes everything; ``rebind(listen)`` changes addresses on reload. The
+daemon's lifecycle (signals, reload) is in :mod:`horizon_dns.runtime`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
-import signal
 import socket
 from collections.abc import Sequence
 
-from horizon_dns.config.model import Config, ListenAddress, describe
+from horizon_dns.config.model import ListenAddress
 from horizon_dns.core.handler import QueryHandler
 from horizon_dns.errors import Error
-from horizon_dns.llmnr.responder import Names
-from horizon_dns.net.interfaces import list_interfaces
-from horizon_dns.net.llmnr import LlmnrResponder
 from horizon_dns.net.tcp import TcpConnection, TcpConnections, TcpLimits
 from horizon_dns.net.udp import InFlight, UdpListener
 
@@ -104,6 +100,27 @@ class DnsServer:
         self.tcp.append(server)
         self.bound.append(ListenAddress(address.host, port))
 
+    async def rebind(self, listen: list[ListenAddress]) -> None:
+        """Listen on exactly ``listen``: bind what is new, close what is gone, keep the rest."""
+        wanted = {(a.host, a.port) for a in listen}
+        for index in reversed(range(len(self.bound))):
+            address = self.bound[index]
+            configured = self.listen[index]
+            if (configured.host, configured.port) in wanted:
+                continue
+            transport, _protocol = self.udp.pop(index)
+            transport.close()
+            self.tcp.pop(index).close()
+            self.bound.pop(index)
+            self.listen.pop(index)
+            log.info("no longer listening on %s", address)
+        have = {(a.host, a.port) for a in self.listen}
+        for address in listen:
+            if (address.host, address.port) not in have:
+                await self._bind(address)
+                self.listen.append(address)
+                log.info("now listening on %s", self.bound[-1])
+
     async def stop(self, timeout: float) -> int:
         """Stop accepting, wait for in-flight queries; return how many were abandoned."""
         for server in self.tcp:
@@ -122,21 +139,6 @@ class DnsServer:
         return left
 
 
-def make_llmnr_responder(config: Config) -> LlmnrResponder | None:
-    """The LLMNR responder the config asks for, not yet started."""
-    settings = config.llmnr
-    if settings is None:
-        return None
-    names = Names(
-        hostname=settings.hostname or socket.gethostname().split(".")[0],
-        aliases=frozenset(settings.aliases),
-        devices={name: tuple(ipaddress.ip_address(a) for a in addrs) for name, addrs in settings.devices},
-        ttl=settings.ttl,
-    )
-    wanted = settings.interfaces
-    return LlmnrResponder(names, lambda: list_interfaces(wanted), tcp=settings.tcp)
-
-
 def install_uvloop() -> bool:
     """Use uvloop when installed: ~18 µs less per datagram (shared/bench/README.md)."""
     try:
@@ -145,49 +147,3 @@ def install_uvloop() -> bool:
         return False
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     return True
-
-
-async def serve(config: Config) -> int:
-    """Run until SIGTERM/SIGINT; return the process exit code."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    pipeline = config.pipeline()
-    handler = QueryHandler(pipeline, config.udp_payload)
-    limits = TcpLimits(config.tcp_idle_timeout, config.tcp_max_connections, config.tcp_max_inflight)
-    server = DnsServer(handler, config.listen, limits)
-    responder = make_llmnr_responder(config)
-    background: set[asyncio.Task[object]] = set()
-    try:
-        await pipeline.start()
-        await server.start()
-        if responder is not None:
-            await responder.start()
-            log.info(
-                "LLMNR responder for %s on %s",
-                ", ".join(sorted(responder.names.all())),
-                ", ".join(i.name for i in responder.interfaces.values()) or "no interface yet",
-            )
-            if config.llmnr is not None and config.llmnr.conflict_check:
-                background.add(loop.create_task(responder.check_conflicts()))
-        for issue in config.warnings:
-            log.warning("%s", issue)
-        log.info("%s", describe(config).replace("\n", "; "))
-        log.info("listening on %s", ", ".join(str(a) for a in server.bound))
-        await stop.wait()
-        log.info("stopping: finishing in-flight queries (up to %.1f s)", config.shutdown_timeout)
-        left = await server.stop(config.shutdown_timeout)
-        if left:
-            log.warning("%d queries were still running at shutdown", left)
-        return 0
-    finally:
-        for task in background:
-            task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
-        if responder is not None:
-            await responder.stop()
-        await server.stop(0)
-        await pipeline.stop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)

@@ -14,6 +14,7 @@ spoofed or stale datagram cannot end the exchange. Timeouts raise
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import struct
 from dataclasses import dataclass
@@ -158,6 +159,8 @@ async def exchange_tcp(upstream: Upstream, message: bytes, question_end: int, ti
                     return data
         finally:
             writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
 
     try:
         return await asyncio.wait_for(run(), timeout)

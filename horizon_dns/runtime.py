@@ -1,0 +1,286 @@
+"""The running daemon: start-up, hot reload, and graceful shutdown.
+
+Contract of :func:`serve`: start the stages, the DNS listeners, the LLMNR
+responder and the metrics listener; tell systemd READY=1; then run until
+SIGTERM/SIGINT, when it stops accepting, lets in-flight queries finish within
+``shutdown_timeout``, and returns 0.
+
+Reload (SIGHUP, or a changed config/rules file when ``watch`` is on): the new
+configuration is loaded and every stage built before anything changes. On any
+error the old configuration keeps serving and every problem is logged with
+file:line. On success the new pipeline is started and swapped in; queries in
+flight finish on the pipeline they started on, whose stages are stopped after
+them; cache contents carry over to a cache stage at the same place with the
+same settings; listeners are rebound only for addresses that changed; the
+LLMNR responder and metrics listener restart only if their settings changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import signal
+import socket
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+from horizon_dns.config.model import Config, describe, load_config
+from horizon_dns.core.handler import QueryHandler
+from horizon_dns.core.pipeline import Pipeline
+from horizon_dns.errors import ConfigError
+from horizon_dns.llmnr.responder import Names
+from horizon_dns.metrics import MetricsServer, Sources
+from horizon_dns.net.interfaces import list_interfaces
+from horizon_dns.net.llmnr import LlmnrResponder
+from horizon_dns.net.server import DnsServer
+from horizon_dns.net.systemd import notify, reloading
+from horizon_dns.net.tcp import TcpLimits
+from horizon_dns.querylog import QueryLog
+
+log = logging.getLogger("horizon_dns.runtime")
+
+WATCH_INTERVAL = 1.0  # seconds between looks at the config files' mtimes
+WATCH_SETTLE = 0.3  # a change must hold still this long (editors write in steps)
+
+
+def make_llmnr_responder(config: Config) -> LlmnrResponder | None:
+    """The LLMNR responder the config asks for, not yet started."""
+    settings = config.llmnr
+    if settings is None:
+        return None
+    names = Names(
+        hostname=settings.hostname or socket.gethostname().split(".")[0],
+        aliases=frozenset(settings.aliases),
+        devices={name: tuple(ipaddress.ip_address(a) for a in addrs) for name, addrs in settings.devices},
+        ttl=settings.ttl,
+    )
+    wanted = settings.interfaces
+    return LlmnrResponder(names, lambda: list_interfaces(wanted), tcp=settings.tcp)
+
+
+def carry_caches(old: Pipeline, new: Pipeline) -> int:
+    """Give each new cache stage the entries of the old one at the same place, if alike."""
+    from horizon_dns.stages.cache import CacheStage
+
+    carried = 0
+    for name, zone in new.zones.items():
+        before = old.zones.get(name)
+        if before is None:
+            continue
+        for index, stage in enumerate(zone.stages):
+            if index >= len(before.stages) or not isinstance(stage, CacheStage):
+                continue
+            previous = before.stages[index]
+            if isinstance(previous, CacheStage) and previous.settings() == stage.settings():
+                stage.entries = previous.entries
+                carried += len(stage.entries)
+    return carried
+
+
+def _snapshot(config: Config) -> dict[str, tuple[int, int]]:
+    """(mtime, size) of the server file and every rules file, to notice edits."""
+    paths: list[Path] = []
+    if config.path is not None:
+        paths.append(config.path)
+    if config.rules_dir is not None and config.rules_dir.is_dir():
+        paths.extend(sorted(config.rules_dir.glob("*.yaml")))
+    out: dict[str, tuple[int, int]] = {}
+    for path in paths:
+        with contextlib.suppress(OSError):
+            stat = path.stat()
+            out[str(path)] = (stat.st_mtime_ns, stat.st_size)
+    return out
+
+
+class Runtime:
+    """Everything a running server holds, and how it changes on reload."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.pipeline = config.pipeline()
+        self.handler = QueryHandler(self.pipeline, config.udp_payload, config.nsid)
+        limits = TcpLimits(config.tcp_idle_timeout, config.tcp_max_connections, config.tcp_max_inflight)
+        self.server = DnsServer(self.handler, config.listen, limits)
+        self.responder = make_llmnr_responder(config)
+        self.sources = Sources(
+            self.handler,
+            tcp_connections=lambda: len(self.server.connections.open),
+            tcp_rejected=lambda: self.server.connections.rejected,
+            llmnr=self.responder,
+        )
+        self.metrics: MetricsServer | None = None
+        self.query_log: QueryLog | None = None
+        self.stop_event = asyncio.Event()
+        self.reload_lock = asyncio.Lock()
+        self.background: set[asyncio.Task[object]] = set()
+        self._apply_query_log(config)
+
+    def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:
+        task: asyncio.Task[object] = asyncio.get_running_loop().create_task(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    def _apply_query_log(self, config: Config) -> None:
+        if self.query_log is not None:
+            self.handler.observers.remove(self.query_log)
+            self.query_log = None
+        if config.query_log_sample is not None:
+            self.query_log = QueryLog(config.query_log_sample)
+            self.handler.observers.append(self.query_log)
+        self.handler.fast_enabled = self.query_log is None
+
+    async def _start_metrics(self, config: Config) -> None:
+        if config.metrics is None:
+            return
+        metrics = MetricsServer(self.sources, config.metrics.host, config.metrics.port)
+        try:
+            await metrics.start()
+        except OSError as exc:
+            log.error("metrics: cannot listen on %s: %s (DNS keeps working)", config.metrics, exc.strerror)
+            return
+        self.metrics = metrics
+        log.info("metrics on http://%s/metrics", f"{config.metrics.host}:{metrics.port}")
+
+    async def _start_responder(self, config: Config) -> None:
+        if self.responder is None:
+            return
+        await self.responder.start()
+        log.info(
+            "LLMNR responder for %s on %s",
+            ", ".join(sorted(self.responder.names.all())),
+            ", ".join(i.name for i in self.responder.interfaces.values()) or "no interface yet",
+        )
+        if config.llmnr is not None and config.llmnr.conflict_check:
+            self._spawn(self.responder.check_conflicts())
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop_event.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload("SIGHUP")))
+        config = self.config
+        try:
+            await self._start_metrics(config)
+            await self.pipeline.start()
+            await self.server.start()
+            await self._start_responder(config)
+            for issue in config.warnings:
+                log.warning("%s", issue)
+            log.info("%s", describe(config).replace("\n", "; "))
+            log.info("listening on %s", ", ".join(str(a) for a in self.server.bound))
+            self.sources.ready = True
+            notify("READY=1", f"STATUS=answering on {', '.join(str(a) for a in self.server.bound)}")
+            if config.watch and (config.path is not None or config.rules_dir is not None):
+                self._spawn(self.watch())
+            await self.stop_event.wait()
+            notify("STOPPING=1")
+            self.sources.ready = False
+            log.info("stopping: finishing in-flight queries (up to %.1f s)", self.config.shutdown_timeout)
+            left = await self.server.stop(self.config.shutdown_timeout)
+            if left:
+                log.warning("%d queries were still running at shutdown", left)
+            return 0
+        finally:
+            for task in list(self.background):
+                task.cancel()
+            await asyncio.gather(*self.background, return_exceptions=True)
+            if self.responder is not None:
+                await self.responder.stop()
+            await self.server.stop(0)
+            await self.handler.pipeline.stop()
+            if self.metrics is not None:
+                await self.metrics.stop()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+
+    async def watch(self) -> None:
+        """Reload when the server file or a rules file changes (polled, debounced)."""
+        seen = _snapshot(self.config)
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            now = _snapshot(self.config)
+            if now == seen:
+                continue
+            await asyncio.sleep(WATCH_SETTLE)
+            settled = _snapshot(self.config)
+            if settled != now:
+                continue  # still being written; look again next round
+            seen = settled
+            await self.reload("file change")
+            seen = _snapshot(self.config)
+
+    async def reload(self, why: str) -> bool:
+        """Build the new configuration fully; swap it in, or keep the old one on any error."""
+        async with self.reload_lock:
+            reloading()
+            log.info("reloading (%s)", why)
+            try:
+                try:
+                    config = load_config(self.config.path)
+                except ConfigError as exc:
+                    self.sources.reloads["error"] += 1
+                    self.sources.config_errors += len(exc.issues)
+                    log.error("reload rejected, the old configuration keeps serving:")
+                    for issue in exc.issues:
+                        log.error("  %s", issue)
+                    return False
+                await self._swap(config)
+                self.sources.reloads["ok"] += 1
+                log.info("reloaded: %s", describe(config).replace("\n", "; "))
+                return True
+            except Exception:
+                self.sources.reloads["error"] += 1
+                log.exception("reload failed; the old configuration keeps serving")
+                return False
+            finally:
+                notify("READY=1")
+
+    async def _swap(self, config: Config) -> None:
+        old_config, old_pipeline = self.config, self.handler.pipeline
+        new_pipeline = config.pipeline()
+        carried = carry_caches(old_pipeline, new_pipeline)
+        await new_pipeline.start()
+        if [str(a) for a in config.listen] != [str(a) for a in old_config.listen]:
+            try:
+                await self.server.rebind(config.listen)
+            except Exception:
+                await new_pipeline.stop()
+                raise
+        started_before = set(self.server.inflight.tasks)
+        self.handler.pipeline = new_pipeline
+        self.handler.udp_payload = config.udp_payload
+        self.handler.nsid = config.nsid.encode("utf-8")
+        self.server.connections.limits = TcpLimits(
+            config.tcp_idle_timeout, config.tcp_max_connections, config.tcp_max_inflight
+        )
+        self._apply_query_log(config)
+        if config.llmnr != old_config.llmnr:
+            if self.responder is not None:
+                await self.responder.stop()
+            self.responder = make_llmnr_responder(config)
+            self.sources.llmnr = self.responder
+            await self._start_responder(config)
+        if config.metrics != old_config.metrics:
+            if self.metrics is not None:
+                await self.metrics.stop()
+                self.metrics = None
+            await self._start_metrics(config)
+        self.config = config
+        if carried:
+            log.info("reload kept %d cached entries", carried)
+        self._spawn(self._retire(old_pipeline, started_before, config.shutdown_timeout))
+
+    async def _retire(self, pipeline: Pipeline, inflight: set[asyncio.Task[None]], timeout: float) -> None:
+        """Stop the old pipeline's stages once the queries that started on it are done."""
+        pending = {task for task in inflight if not task.done()}
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+        await pipeline.stop()
+
+
+async def serve(config: Config) -> int:
+    """Run a server for ``config`` until SIGTERM/SIGINT; return the exit code."""
+    return await Runtime(config).run()
