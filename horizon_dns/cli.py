@@ -73,7 +73,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return 1
-    text, rcode = asyncio.run(explain(config, args.name, args.type, args.client))
+    text, rcode = asyncio.run(explain(config, args.name, args.type, args.client, args.offline, args.repeat))
     print(text)
     return rcode
 
@@ -102,6 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("name", help="query name, e.g. www.nodeb.mydomain.tld")
             sub.add_argument("type", nargs="?", default="A", help="query type (default A)")
             sub.add_argument("--client", default="127.0.0.1", help="client address seen by templates")
+            sub.add_argument("--offline", action="store_true", help="skip stages that use the network")
+            sub.add_argument(
+                "--repeat",
+                type=int,
+                default=1,
+                choices=range(1, 11),
+                metavar="N",
+                help="ask N times on one pipeline: later runs show the caches",
+            )
     return parser
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import dns.edns
 import dns.flags
 import dns.message
+import dns.rdatatype
 import pytest
 from dnslib import RR
 from helpers import config_from, make_query
@@ -258,3 +259,38 @@ def test_fast_path_declines_what_it_cannot_serve(tmp_path: Path) -> None:
     assert handler.fast_answer(bytes(response)) is None  # QR=1
     assert handler.fast_answer(wire[:-1]) is None
     assert handler.fast_answer(dns.message.make_query("a.other.test", "A").to_wire()) is None
+
+
+CHAIN_RULES = r"""
+zones:
+  hot.test:
+    stages:
+      - cache: {}
+      - template:
+          name: cname
+          type: [A]
+          match: ['^www\.(?P<h>[^.]+)\.hot\.test\.$']
+          answer: ['{{ name }} 60 IN CNAME {{ group.h }}.hot.test.']
+      - template:
+          name: host
+          type: [A]
+          match: ['^node[a-z]\.hot\.test\.$']
+          answer: ['{{ name }} 30 IN A 100.64.0.2']
+"""
+
+
+def test_leading_cache_keeps_the_chased_chain_for_the_hot_path(tmp_path: Path) -> None:
+    # The CNAME is chased after the chain; the leading cache must hold the whole
+    # chain, or the hot path would hand out a dangling CNAME.
+    config = config_from(tmp_path, CHAIN_RULES)
+    handler = QueryHandler(config.pipeline())
+    wire = dns.message.make_query("www.nodeb.hot.test", "A").to_wire()
+    slow = asyncio.run(handler.handle(wire, ("127.0.0.1", 1), "udp"))
+    fast = handler.fast_answer(wire)
+    assert slow is not None and fast is not None
+    for data in (slow, fast):
+        message = dns.message.from_wire(data)
+        assert [r.rdtype for r in message.answer] == [dns.rdatatype.CNAME, dns.rdatatype.A]
+    # The target was cached on its own too.
+    target = dns.message.make_query("nodeb.hot.test", "A").to_wire()
+    assert handler.fast_answer(target) is not None

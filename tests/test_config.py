@@ -225,6 +225,7 @@ def test_check_cli_lists_every_error_and_exits_1(tmp_path: Path) -> None:
 def test_example_rules_pass_check(tmp_path: Path, example: str) -> None:
     root = Path(__file__).resolve().parent.parent
     rules = (root / "rules" / "examples" / f"{example}.yaml").read_text()
-    config = config_from(tmp_path, rules, "zones:\n  .:\n    stages:\n      - forward: {upstreams: [127.0.0.1:9]}\n")
+    server = "zones:\n  .:\n    stages:\n      - forward: {upstreams: [127.0.0.1:9]}\n"
+    config = config_from(tmp_path, rules, server)
     names = [stage.name for zone in config.zones for stage in zone.stages]
     assert f"overlay:{example}" in names

@@ -159,9 +159,7 @@ class QueryHandler:
         hit = cache.serve_fresh(key)
         if hit is None:
             return None
-        packed, body = hit
-        if packed.rcode in zone.fallback_rcodes:
-            return None  # the fallback must run: the full path does that
+        packed, body = hit  # a final reply: chased and fallen back before it was stored
         opt = b""
         if arcount:
             opt_key = (packed.rcode >> 4, do, packed.ede)

@@ -59,11 +59,22 @@ class Zone:
     recursion_available: bool = field(init=False)
     #: Stage name -> time spent in it and the stages after it (seconds).
     timings: dict[str, Histogram] = field(init=False)
+    #: A cache first in the zone holds *final* replies (after CNAME chasing and
+    #: fallback), so the hot path can serve them as they are.
+    leading_cache: FastCache | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.timings = {stage.name: Histogram() for stage in self.stages}
         self.chain = _build_chain(self, list(self.stages))
         self.recursion_available = any(stage.recurses for stage in self.stages)
+        first = self.stages[0] if self.stages else None
+        self.leading_cache = first if isinstance(first, FastCache) else None
+        if self.leading_cache is not None:
+            self.leading_cache.leading = True
+
+    def is_final(self, reply: Reply) -> bool:
+        """A reply the leading cache gave: already chased and fallen back."""
+        return self.leading_cache is not None and reply.stage == self.leading_cache.name
 
     async def resolve(self, query: Query) -> Reply:
         """Run the chain; on a fallback rcode, run the fallback zone's chain instead."""
@@ -72,7 +83,7 @@ class Zone:
             return await self.chain(query)
         original = replace(query, name_exists=None)
         reply = await self.chain(query)
-        if reply.rcode not in self.fallback_rcodes:
+        if reply.rcode not in self.fallback_rcodes or self.is_final(reply):
             return reply
         rcode = RCODE_NAMES.get(reply.rcode, str(reply.rcode))
         query.note(f"fallback: {reply.stage} said {rcode} -> zone {fallback.name}")
@@ -211,18 +222,34 @@ class Pipeline:
                 None,
             )
         query.note(f"zone {zone.name}")
+        return await self._resolve_in(zone, query, chase=True), zone
+
+    async def _resolve_in(self, zone: Zone, query: Query, chase: bool) -> Reply:
+        """The zone's reply, CNAME-chased when asked, and stored by a leading cache."""
         reply = await zone.resolve(query)
-        if reply.rcode == NOERROR and reply.answer and query.qtype not in _NO_CHASE:
+        if zone.is_final(reply):
+            return reply
+        if chase and reply.rcode == NOERROR and query.qtype not in _NO_CHASE:
             reply = await self._chase(query, reply)
-        return reply, zone
+        if zone.leading_cache is not None:
+            zone.leading_cache.store_final(query, reply)
+        return reply
 
     async def _chase(self, query: Query, reply: Reply) -> Reply:
         qtype = query.qtype
-        answer = list(reply.answer)
+        answer, authority, additional = reply.answer, reply.authority, reply.additional
+        if reply.packed is not None:
+            if not reply.packed.ancount:
+                return reply
+            # Forwarded or cached: the records are bytes; decode them to follow the chain.
+            answer, authority, additional = unpack_records(query.question, reply.packed)
+        if not answer:
+            return reply
+        original_count = len(answer)
+        answer = list(answer)
         current = query.name
         seen = {current}
         rcode = reply.rcode
-        authority = reply.authority
         cacheable = reply.cacheable
         while True:
             target = _cname_target(answer, current)
@@ -246,7 +273,7 @@ class Pipeline:
                 break
             query.note(f"chase CNAME -> {target}")
             sub = query.derive(text_to_name(target))
-            sub_reply = await zone.resolve(sub)
+            sub_reply = await self._resolve_in(zone, sub, chase=False)
             sub_answer, sub_authority = sub_reply.answer, sub_reply.authority
             if sub_reply.packed is not None:
                 # Forwarded or cached: the records are bytes; decode them to merge the chain.
@@ -257,7 +284,7 @@ class Pipeline:
             if rcode != NOERROR:
                 break
             current = target
-        if answer is reply.answer or (len(answer) == len(reply.answer) and rcode == reply.rcode):
+        if len(answer) == original_count and rcode == reply.rcode:
             return reply
         outcome = Outcome.ANSWER if rcode == NOERROR else _outcome_for(rcode)
         return Reply(
@@ -267,7 +294,7 @@ class Pipeline:
             reply.reason,
             answer=answer,
             authority=authority,
-            additional=reply.additional,
+            additional=additional,
             authoritative=reply.authoritative,
             cacheable=cacheable,
         )

@@ -37,6 +37,12 @@ class Stage(Protocol):
 
 @runtime_checkable
 class FastCache(Protocol):
-    """A stage that can answer synchronously from bytes (the cache, first in its zone)."""
+    """A cache that can lead a zone: it stores final replies and answers from bytes."""
+
+    name: str
+    #: Set by the zone when this cache is its first stage: the zone then stores final replies.
+    leading: bool
 
     def serve_fresh(self, key: bytes) -> tuple[Packed, bytes] | None: ...
+
+    def store_final(self, query: Query, reply: Reply) -> None: ...

@@ -89,6 +89,9 @@ class CacheStage:
         self.entries: OrderedDict[bytes, Entry] = OrderedDict()
         self.inflight: dict[bytes, asyncio.Future[Reply]] = {}
         self.hits = self.misses = self.evictions = self.stale_served = self.coalesced = 0
+        # First in its zone: the zone stores final replies (chased, fallen back) via
+        # store_final(), so the hot path can serve them whole; the chain stores nothing.
+        self.leading = False
 
     async def start(self) -> None:
         return None
@@ -145,7 +148,7 @@ class CacheStage:
                 stale = self._stale(key, query)
                 if stale is not None:
                     reply = stale
-            else:
+            elif not self.leading:
                 self.store(key, query, reply)
         except BaseException as exc:
             future.set_exception(exc)
@@ -196,6 +199,11 @@ class CacheStage:
             struct.pack_into("!I", body, offset, ttl)
             ttls.append((offset, ttl))
         return replace(packed, body=bytes(body), ttls=tuple(ttls))
+
+    def store_final(self, query: Query, reply: Reply) -> None:
+        """Keep the zone's final reply to ``query`` (called by the zone when leading)."""
+        if reply.rcode != SERVFAIL:
+            self.store(query_key(query), query, reply)
 
     def store(self, key: bytes, query: Query, reply: Reply) -> None:
         if not reply.cacheable:

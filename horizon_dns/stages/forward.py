@@ -107,6 +107,7 @@ class ForwardStage:
     """Relays queries to upstream servers; answers SERVFAIL+EDE when none answers."""
 
     recurses = True
+    network = True  # `explain --offline` leaves it out
 
     def __init__(
         self,

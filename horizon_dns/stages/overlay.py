@@ -75,6 +75,7 @@ class OverlayStage:
     """Resolves hosts of the overlay through mDNS, LLMNR and known peers."""
 
     recurses = False
+    network = True  # `explain --offline` leaves it out
 
     def __init__(
         self,
