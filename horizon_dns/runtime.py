@@ -10,8 +10,7 @@ configuration is loaded and every stage built before anything changes. On any
 error the old configuration keeps serving and every problem is logged with
 file:line. On success the new pipeline is started and swapped in; queries in
 flight finish on the pipeline they started on, whose stages are stopped after
-them; cache contents carry over to a cache stage at the same place with the
-same settings; listeners are rebound only for addresses that changed; the
+them; listeners are rebound only for addresses that changed; the
 LLMNR responder and metrics listener restart only if their settings changed.
 """
 
@@ -62,13 +61,17 @@ def make_llmnr_responder(config: Config) -> LlmnrResponder | None:
 
 
 def carry_caches(old: Pipeline, new: Pipeline) -> int:
-    """Give each new cache stage the entries of the old one at the same place, if alike."""
+    """Give each new cache the old one's entries when its zone's configuration is unchanged.
+
+    A cache holds what the stages behind it answered: if any of them changed (a
+    template edited), its entries would be stale answers, so they are dropped.
+    """
     from horizon_dns.stages.cache import CacheStage
 
     carried = 0
     for name, zone in new.zones.items():
         before = old.zones.get(name)
-        if before is None:
+        if before is None or before.fingerprint != zone.fingerprint:
             continue
         for index, stage in enumerate(zone.stages):
             if index >= len(before.stages) or not isinstance(stage, CacheStage):

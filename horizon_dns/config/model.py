@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+import yaml
 from dnslib import RR
 from yaml.nodes import MappingNode, Node, ScalarNode
 
@@ -298,10 +299,13 @@ class _Loader:
                         0,
                         f"zones.{name}",
                         f"two stages are named {dup!r}",
-                        "give each stage a distinct name:",
+                        "give each stage a distinct 'name:'",
                     )
                 )
-            zones.append(Zone(name, stages, soa))
+            fingerprint = "\n".join(yaml.serialize(node) for node, _where in draft.stages)
+            if draft.fallback is not None:
+                fingerprint += f"\nfallback {draft.fallback[0]} {sorted(draft.fallback[1])}"
+            zones.append(Zone(name, stages, soa, fingerprint=fingerprint + f"\nsoa {soa}"))
         self.link_fallbacks({zone.name: zone for zone in zones})
         return zones
 

@@ -54,6 +54,8 @@ class Zone:
     soa: RR | None = None
     fallback_rcodes: frozenset[int] = frozenset()
     fallback_zone: Zone | None = None
+    #: The zone's configuration as text: equal fingerprints mean the same answers.
+    fingerprint: str = ""
     chain: Next = field(init=False)
     #: RA=1 in replies: some stage may ask other servers.
     recursion_available: bool = field(init=False)
