@@ -170,10 +170,10 @@ def test_explain_cli_offline_exit_code(tmp_path: Path) -> None:
     (tmp_path / "rules").mkdir()
     (tmp_path / "rules" / "10.yaml").write_text(textwrap.dedent(EXPLAIN_RULES))
     (tmp_path / "h.yaml").write_text("rules: rules\n")
+    command = ["python", "-m", "horizon_dns", "explain", "--config", str(tmp_path / "h.yaml")]
     run = subprocess.run(
-        ["python", "-m", "horizon_dns", "explain", "--config", str(tmp_path / "h.yaml"), "--offline", "ghost.mydomain.tld"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [*command, "--offline", "ghost.mydomain.tld"], capture_output=True, text=True, timeout=60
+    )
     assert run.returncode == 0, run.stderr  # offline: the overlay is skipped, fallback answers
     assert "overlay" not in run.stdout.split("answered by")[0] and "203.0.113.10" in run.stdout
     (tmp_path / "b").mkdir()
@@ -233,9 +233,8 @@ def test_reload_under_load_drops_nothing_and_broken_yaml_keeps_the_old_config(tm
             time.sleep(0.05)
         time.sleep(0.3)
         # Now a broken file: the old (new) config must keep serving.
-        rules.write_text(
-            "zones:\n  mydomain.tld:\n    stages:\n      - template: {answer: ['x 1 IN A 1.2.3.4'], bogus: 1}\n"
-        )
+        broken = "zones:\n  mydomain.tld:\n    stages:\n      - template: {answer: ['x 1 IN A 1.2.3.4'], bogus: 1}\n"
+        rules.write_text(broken)
         server.proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 10
         while "reload rejected" not in server.log_text() and time.monotonic() < deadline:
