@@ -233,7 +233,8 @@ def test_reload_under_load_drops_nothing_and_broken_yaml_keeps_the_old_config(tm
             time.sleep(0.05)
         time.sleep(0.3)
         # Now a broken file: the old (new) config must keep serving.
-        broken = "zones:\n  mydomain.tld:\n    stages:\n      - template: {answer: ['x 1 IN A 1.2.3.4'], bogus: 1}\n"
+        broken = "zones:\n  mydomain.tld:\n    stages:\n"
+        broken += "      - template: {answer: ['x 1 IN A 1.2.3.4'], bogus: 1}\n"
         rules.write_text(broken)
         server.proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 10
