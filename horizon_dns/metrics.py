@@ -16,6 +16,7 @@ Series (all prefixed ``horizon_dns_``):
 ``request_duration_seconds``           histogram by zone (full path)
 ``stage_duration_seconds``             histogram by zone, stage (inclusive of later stages)
 ``malformed_total``                    kind: dropped, formerr, notimp
+``refused_clients_total`` ``rate_limited_total`` ``overload_shed_total``
 ``tcp_connections`` / ``tcp_rejected_total``
 ``cache_hits_total`` ``cache_misses_total`` ``cache_entries`` ``cache_evictions_total``
 ``cache_stale_total`` ``cache_coalesced_total``  by zone, stage
@@ -64,6 +65,7 @@ class Sources:
     tcp_connections: Callable[[], int] = lambda: 0
     tcp_rejected: Callable[[], int] = lambda: 0
     llmnr: Any = None  # net.llmnr.LlmnrResponder
+    policy: Any = None  # core.access.EdgePolicy
     reloads: dict[str, int] = field(default_factory=lambda: {"ok": 0, "error": 0})
     config_errors: int = 0
     ready: bool = False
@@ -122,6 +124,17 @@ class Collector(CollectorBase):
             malformed.add_metric([kind], n)
         yield malformed
 
+        if src.policy is not None:
+            policy = src.policy
+            yield CounterMetricFamily(
+                p + "refused_clients", "Queries from outside the allow list.", policy.refused
+            )
+            yield CounterMetricFamily(
+                p + "rate_limited", "UDP queries answered TC=1 by the rate limit.", policy.limiter.limited
+            )
+            yield CounterMetricFamily(
+                p + "overload_shed", "Queries answered SERVFAIL at the in-flight cap.", policy.overloaded
+            )
         yield GaugeMetricFamily(p + "tcp_connections", "Open TCP connections.", src.tcp_connections())
         yield CounterMetricFamily(
             p + "tcp_rejected", "TCP connections closed at the cap.", src.tcp_rejected()

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from horizon_dns.config.model import Config, describe, load_config
+from horizon_dns.core.access import EdgePolicy
 from horizon_dns.core.handler import QueryHandler
 from horizon_dns.core.pipeline import Pipeline
 from horizon_dns.errors import ConfigError
@@ -106,13 +107,14 @@ class Runtime:
         self.pipeline = config.pipeline()
         self.handler = QueryHandler(self.pipeline, config.udp_payload, config.nsid)
         limits = TcpLimits(config.tcp_idle_timeout, config.tcp_max_connections, config.tcp_max_inflight)
-        self.server = DnsServer(self.handler, config.listen, limits)
+        self.server = DnsServer(self.handler, config.listen, limits, self.policy_for(config))
         self.responder = make_llmnr_responder(config)
         self.sources = Sources(
             self.handler,
             tcp_connections=lambda: len(self.server.connections.open),
             tcp_rejected=lambda: self.server.connections.rejected,
             llmnr=self.responder,
+            policy=self.server.policy,
         )
         self.metrics: MetricsServer | None = None
         self.query_log: QueryLog | None = None
@@ -120,6 +122,12 @@ class Runtime:
         self.reload_lock = asyncio.Lock()
         self.background: set[asyncio.Task[object]] = set()
         self._apply_query_log(config)
+
+    @staticmethod
+    def policy_for(config: Config) -> EdgePolicy:
+        return EdgePolicy(
+            config.max_inflight, config.rate_qps, config.rate_burst, config.refuse_udp, config.tcp_per_client
+        )
 
     def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:
         task: asyncio.Task[object] = asyncio.get_running_loop().create_task(coro)
@@ -246,7 +254,7 @@ class Runtime:
         new_pipeline = config.pipeline()
         carried = carry_caches(old_pipeline, new_pipeline)
         await new_pipeline.start()
-        if [str(a) for a in config.listen] != [str(a) for a in old_config.listen]:
+        if config.listen != old_config.listen:
             try:
                 await self.server.rebind(config.listen)
             except Exception:
@@ -259,6 +267,10 @@ class Runtime:
         self.server.connections.limits = TcpLimits(
             config.tcp_idle_timeout, config.tcp_max_connections, config.tcp_max_inflight
         )
+        policy = self.server.policy
+        policy.max_inflight, policy.refuse_udp = config.max_inflight, config.refuse_udp
+        policy.tcp_per_client = config.tcp_per_client
+        policy.limiter.qps, policy.limiter.burst = config.rate_qps, float(config.rate_burst)
         self._apply_query_log(config)
         if config.llmnr != old_config.llmnr:
             if self.responder is not None:

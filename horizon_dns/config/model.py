@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 from dnslib import RR
-from yaml.nodes import MappingNode, Node, ScalarNode
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from horizon_dns.config.source import (
     Section,
@@ -36,6 +36,7 @@ from horizon_dns.config.source import (
     parse_yaml,
     scalar_value,
 )
+from horizon_dns.core.access import LOOPBACK
 from horizon_dns.core.encode import DEFAULT_UDP_PAYLOAD
 from horizon_dns.core.loop import LoopGuard
 from horizon_dns.core.names import text_to_name
@@ -52,6 +53,8 @@ EMBEDDED = "<embedded default>"
 class ListenAddress:
     host: str
     port: int
+    #: Client networks allowed to ask here (RFC 5358: never an open resolver).
+    allow: tuple[str, ...] = LOOPBACK
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
@@ -79,6 +82,11 @@ class Config:
     tcp_idle_timeout: float = 10.0
     tcp_max_connections: int = 256
     tcp_max_inflight: int = 64
+    tcp_per_client: int = 32
+    max_inflight: int = 4096
+    rate_qps: float = 1000.0
+    rate_burst: int = 2000
+    refuse_udp: str = "silence"
     shutdown_timeout: float = 5.0
     aliases: dict[str, str] = field(default_factory=dict)
     zones: list[Zone] = field(default_factory=list)
@@ -432,14 +440,57 @@ def _read_llmnr(section: Section) -> LlmnrSettings:
     return settings
 
 
-def _read_server(loader: _Loader, section: Section, base: Path, rules_optional: bool) -> Config:
+OVERLAY_PREFIXES = "100.64.0.0/10 and fd7a:115c:a1e0::/48 (tailscale), or your zerotier network's prefix"
+
+
+def _read_listen(section: Section) -> list[ListenAddress]:
+    """``listen``: addresses as text, or ``{address: ..., allow: [networks]}``."""
+    if not section.has("listen"):
+        return [parse_listen(text) for text in DEFAULT_LISTEN]
     listen: list[ListenAddress] = []
-    listen_node = section.node_of("listen")
-    for i, text in enumerate(section.string_list("listen", default=list(DEFAULT_LISTEN))):
+    node = section.raw("listen")
+    items = node.value if isinstance(node, SequenceNode) else [node]
+    where = section.where.child("listen")
+    for i, item in enumerate(items):
+        here = where.child(i)
+        allow: tuple[str, ...] | None = None
+        if isinstance(item, MappingNode):
+            entry = Section(item, here)
+            text = entry.get("address", as_str, hint="address: 100.64.0.1:53")
+            allow = tuple(entry.string_list("allow", hint=f"the overlay's prefixes, e.g. {OVERLAY_PREFIXES}"))
+            entry.finish()
+            if text is None:
+                continue
+        elif isinstance(item, ScalarNode):
+            text = str(scalar_value(item))
+        else:
+            here.error(item, "expected an address or {address: ..., allow: [...]}")
+            continue
         try:
-            listen.append(parse_listen(text))
+            address = parse_listen(text)
         except ValueError as exc:
-            section.where.child("listen").child(i).error(listen_node, str(exc))
+            here.error(item, str(exc))
+            continue
+        for network in allow or ():
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                here.child("allow").error(item, f"{network!r} is not a network such as 100.64.0.0/10")
+        if allow is None:
+            if not ipaddress.ip_address(address.host).is_loopback:
+                here.error(
+                    item,
+                    f"{address} is not a loopback address: say who may ask there",
+                    f"write {{address: '{address}', allow: [...]}} with {OVERLAY_PREFIXES}",
+                )
+                continue
+            allow = LOOPBACK
+        listen.append(ListenAddress(address.host, address.port, allow))
+    return listen
+
+
+def _read_server(loader: _Loader, section: Section, base: Path, rules_optional: bool) -> Config:
+    listen = _read_listen(section)
     config = Config(listen=listen)
     config.udp_payload = section.get(
         "udp_payload",
@@ -452,7 +503,18 @@ def _read_server(loader: _Loader, section: Section, base: Path, rules_optional: 
     config.tcp_idle_timeout = tcp.get("idle_timeout", number_range(0.1, 3600), default=10.0)
     config.tcp_max_connections = tcp.get("max_connections", int_range(1, 65535), default=256)
     config.tcp_max_inflight = tcp.get("max_inflight", int_range(1, 65535), default=64)
+    config.tcp_per_client = tcp.get("per_client", int_range(1, 65535), default=32)
     tcp.finish()
+    limits = section.section("limits")
+    config.max_inflight = limits.get("max_inflight", int_range(1, 1_000_000), default=4096)
+    config.rate_qps = limits.get("rate_qps", number_range(0, 1e7), default=1000.0)
+    config.rate_burst = limits.get("rate_burst", int_range(1, 10_000_000), default=2000)
+    limits.finish()
+    config.refuse_udp = section.get("refuse_udp", as_str, default="silence")
+    if config.refuse_udp not in ("silence", "refused"):
+        section.where.child("refuse_udp").error(
+            section.node_of("refuse_udp"), f"unknown value {config.refuse_udp!r}", "use silence or refused"
+        )
     if section.has("llmnr"):
         config.llmnr = _read_llmnr(section.section("llmnr"))
     config.metrics = _read_metrics(section)

@@ -17,6 +17,7 @@ import socket
 from collections.abc import Sequence
 
 from horizon_dns.config.model import ListenAddress
+from horizon_dns.core.access import Acl, EdgePolicy
 from horizon_dns.core.handler import QueryHandler
 from horizon_dns.errors import Error
 from horizon_dns.net.tcp import TcpConnection, TcpConnections, TcpLimits
@@ -54,11 +55,14 @@ class DnsServer:
         handler: QueryHandler,
         listen: Sequence[ListenAddress],
         tcp_limits: TcpLimits | None = None,
+        policy: EdgePolicy | None = None,
     ) -> None:
         self.handler = handler
         self.listen = list(listen)
         self.inflight = InFlight()
-        self.connections = TcpConnections(tcp_limits or TcpLimits())
+        self.policy = policy or EdgePolicy()
+        self.connections = TcpConnections(tcp_limits or TcpLimits(), self.policy)
+        self.acls: list[Acl] = []
         self.udp: list[tuple[asyncio.DatagramTransport, UdpListener]] = []
         self.tcp: list[asyncio.Server] = []
         self.bound: list[ListenAddress] = []
@@ -88,17 +92,19 @@ class DnsServer:
                     continue  # the ephemeral UDP port is taken on TCP; pick another
                 raise BindError(f"cannot listen on TCP {address}: {exc.strerror}") from exc
             break
+        acl = Acl(address.allow)
         transport, protocol = await loop.create_datagram_endpoint(
-            lambda: UdpListener(self.handler, self.inflight), sock=udp_sock
+            lambda: UdpListener(self.handler, self.inflight, acl, self.policy), sock=udp_sock
         )
         self.udp.append((transport, protocol))
         server = await loop.create_server(
-            lambda: TcpConnection(self.handler, self.inflight, self.connections),
+            lambda: TcpConnection(self.handler, self.inflight, self.connections, acl),
             sock=tcp_sock,
             backlog=1024,
         )
         self.tcp.append(server)
-        self.bound.append(ListenAddress(address.host, port))
+        self.acls.append(acl)
+        self.bound.append(ListenAddress(address.host, port, address.allow))
 
     async def rebind(self, listen: list[ListenAddress]) -> None:
         """Listen on exactly ``listen``: bind what is new, close what is gone, keep the rest."""
@@ -111,10 +117,17 @@ class DnsServer:
             transport, _protocol = self.udp.pop(index)
             transport.close()
             self.tcp.pop(index).close()
+            self.acls.pop(index)
             self.bound.pop(index)
             self.listen.pop(index)
             log.info("no longer listening on %s", address)
         have = {(a.host, a.port) for a in self.listen}
+        for index, address in enumerate(self.listen):
+            # Same address, perhaps a new allow list: listeners read it from here.
+            new = next(a for a in listen if (a.host, a.port) == (address.host, address.port))
+            if new.allow != address.allow:
+                self.acls[index].update(new.allow)
+                self.listen[index] = new
         for address in listen:
             if (address.host, address.port) not in have:
                 await self._bind(address)

@@ -3,20 +3,24 @@
 Contract: each message of a connection is handled in its own task and answered
 as soon as it completes, in any order (clients match by ID). A connection
 closes after ``idle_timeout`` seconds with nothing to read or send
-(RFC 7766 §6.2.3). Reading pauses while ``max_inflight`` queries of one
-connection are unanswered. Connections beyond ``max_connections`` are closed
-at once.
+(RFC 7766 §6.2.3) -- a slowloris holds a connection no longer than that.
+Reading pauses while ``max_inflight`` queries of one connection are unanswered.
+Connections beyond ``max_connections``, or beyond the policy's per-client cap,
+are closed at once. A client outside the listener's allow list gets REFUSED.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import struct
 from dataclasses import dataclass
 from typing import cast
 
+from horizon_dns.core.access import Acl, EdgePolicy
 from horizon_dns.core.handler import QueryHandler
+from horizon_dns.core.wire import REFUSED, short_reply
 from horizon_dns.net.udp import InFlight
 
 log = logging.getLogger("horizon_dns.net.tcp")
@@ -32,11 +36,13 @@ class TcpLimits:
 
 
 class TcpConnections:
-    """Connection count shared by every TCP listener of a server."""
+    """Connections shared by every TCP listener of a server, in all and per client."""
 
-    def __init__(self, limits: TcpLimits) -> None:
+    def __init__(self, limits: TcpLimits, policy: EdgePolicy | None = None) -> None:
         self.limits = limits
+        self.policy = policy or EdgePolicy()
         self.open: set[TcpConnection] = set()
+        self.per_client: collections.Counter[str] = collections.Counter()
         self.rejected = 0
 
     def close_all(self) -> None:
@@ -47,10 +53,14 @@ class TcpConnections:
 class TcpConnection(asyncio.Protocol):
     """One client connection."""
 
-    def __init__(self, handler: QueryHandler, inflight: InFlight, conns: TcpConnections) -> None:
+    def __init__(
+        self, handler: QueryHandler, inflight: InFlight, conns: TcpConnections, acl: Acl | None = None
+    ) -> None:
         self.handler = handler
         self.inflight = inflight
         self.conns = conns
+        self.acl = acl
+        self.refusing = False  # a client outside the allow list: every query gets REFUSED
         self.transport: asyncio.Transport | None = None
         self.peer: tuple[str, int] | None = None
         self.buffer = bytearray()
@@ -62,18 +72,31 @@ class TcpConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio's, so no isinstance check.
         self.transport = transport = cast(asyncio.Transport, transport)
-        if len(self.conns.open) >= self.conns.limits.max_connections:
-            self.conns.rejected += 1
-            transport.abort()
-            return
-        self.conns.open.add(self)
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = (str(peer[0]), int(peer[1]))
+        client = self.peer[0] if self.peer else ""
+        conns = self.conns
+        if (
+            len(conns.open) >= conns.limits.max_connections
+            or conns.per_client[client] >= conns.policy.tcp_per_client
+        ):
+            conns.rejected += 1
+            transport.abort()
+            return
+        conns.open.add(self)
+        conns.per_client[client] += 1
+        if self.acl is not None and not self.acl.allows(client):
+            self.refusing = True
         self._arm_idle()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.conns.open.discard(self)
+        if self in self.conns.open:
+            self.conns.open.discard(self)
+            client = self.peer[0] if self.peer else ""
+            self.conns.per_client[client] -= 1
+            if self.conns.per_client[client] <= 0:
+                del self.conns.per_client[client]
         if self.idle is not None:
             self.idle.cancel()
         self.transport = None
@@ -112,6 +135,12 @@ class TcpConnection(asyncio.Protocol):
                 break
             message = bytes(buffer[2 : 2 + length])
             del buffer[: 2 + length]
+            if self.refusing:
+                self.conns.policy.refused += 1
+                refusal = short_reply(message, REFUSED)
+                if refusal is not None and self.transport is not None:
+                    self.transport.write(_LENGTH.pack(len(refusal)) + refusal)
+                continue
             reply = self.handler.fast_answer(message, tcp=True)
             if reply is not None and self.transport is not None:
                 self.transport.write(_LENGTH.pack(len(reply)) + reply)

@@ -11,7 +11,9 @@ import asyncio
 import logging
 from typing import cast
 
+from horizon_dns.core.access import Acl, EdgePolicy
 from horizon_dns.core.handler import QueryHandler
+from horizon_dns.core.wire import REFUSED, SERVFAIL, short_reply
 
 log = logging.getLogger("horizon_dns.net.udp")
 
@@ -37,11 +39,26 @@ class InFlight:
 
 
 class UdpListener(asyncio.DatagramProtocol):
-    """Feeds datagrams to the handler and sends replies back."""
+    """Feeds datagrams to the handler and sends replies back.
 
-    def __init__(self, handler: QueryHandler, inflight: InFlight) -> None:
+    Before the handler: clients outside ``acl`` get silence (or REFUSED, by
+    policy); a client over its rate gets TC=1 so a real one retries over TCP (the
+    "slip" of response rate limiting); beyond ``max_inflight`` running queries,
+    new ones get SERVFAIL at once rather than queueing without bound.
+    Loopback clients -- the local stub resolver -- are not rate limited.
+    """
+
+    def __init__(
+        self,
+        handler: QueryHandler,
+        inflight: InFlight,
+        acl: Acl | None = None,
+        policy: EdgePolicy | None = None,
+    ) -> None:
         self.handler = handler
         self.inflight = inflight
+        self.acl = acl
+        self.policy = policy or EdgePolicy()
         self.transport: asyncio.DatagramTransport | None = None
         self.accepting = True
 
@@ -52,11 +69,32 @@ class UdpListener(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         if not self.accepting:
             return
+        transport = self.transport
+        assert transport is not None
+        client = str(addr[0])
+        policy = self.policy
+        if self.acl is not None and not self.acl.allows(client):
+            policy.refused += 1
+            if policy.refuse_udp == "refused":
+                refusal = short_reply(data, REFUSED)
+                if refusal is not None:
+                    transport.sendto(refusal, addr)
+            return
+        if not _is_loopback(client) and not policy.limiter.allow(client):
+            slip = short_reply(data, 0, truncated=True)
+            if slip is not None:
+                transport.sendto(slip, addr)
+            return
         # The hot path: a cached answer is sent from here, with no task and no await.
         reply = self.handler.fast_answer(data)
         if reply is not None:
-            assert self.transport is not None
-            self.transport.sendto(reply, addr)
+            transport.sendto(reply, addr)
+            return
+        if len(self.inflight.tasks) >= policy.max_inflight:
+            policy.overloaded += 1
+            overload = short_reply(data, SERVFAIL)
+            if overload is not None:
+                transport.sendto(overload, addr)
             return
         self.inflight.add(asyncio.get_running_loop().create_task(self._answer(data, addr)))
 
@@ -69,3 +107,7 @@ class UdpListener(asyncio.DatagramProtocol):
     def error_received(self, exc: Exception) -> None:
         # ICMP port unreachable from a client that went away: nothing to do.
         log.debug("UDP error: %s", exc)
+
+
+def _is_loopback(ip: str) -> bool:
+    return ip.startswith("127.") or ip == "::1" or ip.startswith("::ffff:127.")
