@@ -36,10 +36,12 @@ class Acl:
             try:
                 address = ipaddress.ip_address(ip.split("%")[0])
             except ValueError:
-                return False
-            if address.version == 6 and address.ipv4_mapped is not None:
+                address = None
+            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
                 address = address.ipv4_mapped
-            verdict = any(address.version == n.version and address in n for n in self.networks)
+            verdict = address is not None and any(
+                address.version == n.version and address in n for n in self.networks
+            )
             if len(self._memo) >= _MEMO_LIMIT:
                 self._memo.clear()
             self._memo[ip] = verdict
