@@ -183,7 +183,9 @@ def test_embedded_default_loads_without_rules_folder(tmp_path: Path, monkeypatch
     monkeypatch.chdir(tmp_path)
     config = load_config(None)
     assert [str(a) for a in config.listen] == ["127.0.0.1:5300", "[::1]:5300"]
-    assert [(z.name, [s.name for s in z.stages]) for z in config.zones] == [(".", ["cache", "forward:root"])]
+    assert [(z.name, [s.name for s in z.stages]) for z in config.zones] == [
+        (".", ["cache", "overlay:single-label", "forward:root"])
+    ]
 
 
 def test_shipped_rules_pass_check() -> None:

@@ -139,10 +139,20 @@ def test_names_without_a_host_label_pass_on(name: str) -> None:
 
 
 def test_other_types_on_a_known_host_end_in_nodata_through_the_chain() -> None:
-    st = stage({"mdns": Scripted(NODEB)})
+    method = Scripted(NODEB)
+    st = stage({"mdns": method})
+    query = make_query("nodeb.mydomain.tld.", "MX")
+    asyncio.run(st.handle(query, _next))
+    assert query.name_exists is None and method.calls == []  # other types never start a lookup
+    resolve(st, "nodeb.mydomain.tld.")
     query = make_query("nodeb.mydomain.tld.", "MX")
     asyncio.run(st.handle(query, _next))
     assert query.name_exists == "overlay:t"
+
+
+def test_on_miss_next_passes_unknown_hosts_on() -> None:
+    st = stage({"mdns": Scripted({})}, on_miss="next")
+    assert resolve(st, "ghost.mydomain.tld.").stage == "next"
 
 
 def test_parse_peers_formats() -> None:

@@ -15,6 +15,7 @@ YAML::
         timeout: 0.3                    # seconds for a lookup, all methods at once
         ttl: 30                         # of answers
         negative_ttl: 30                # a host not found is not asked again for this long
+        on_miss: nxdomain               # or next: a host nobody knows goes to the next stage
 
 Contract: for A and AAAA of a name whose host label it can derive, the stage
 asks every method concurrently for both IP versions and answers with the first
@@ -90,6 +91,7 @@ class OverlayStage:
         soa: RR | None = None,
         clock: Callable[[], float] = time.monotonic,
         services: Sequence[Any] = (),
+        on_miss: str = "nxdomain",
     ) -> None:
         self.name = name
         self.zone = zone
@@ -102,6 +104,7 @@ class OverlayStage:
         self.soa = soa
         self.clock = clock
         self.services = list(services)  # objects with start()/stop(): zeroconf, peer refresh
+        self.on_miss = on_miss
         self.known: dict[tuple[str, int], _Known] = {}
         self.inflight: dict[tuple[str, int], asyncio.Future[_Known]] = {}
         self.lookups: dict[tuple[str, str], int] = {}  # (method, found|missed) -> count
@@ -136,10 +139,10 @@ class OverlayStage:
             query.note("  no host label in this name -> next")
             return await next(query)
         if query.qtype not in (QTYPE.A, QTYPE.AAAA, QTYPE.ANY):
-            exists = await self._exists(host, query)
-            if not exists:
-                return await next(query)
-            query.name_exists = query.name_exists or self.name
+            # Other types never start a lookup (an NS or DS query for a TLD must not wait
+            # for mDNS); a host already known makes the end of the chain say NODATA.
+            if self._known_now(host):
+                query.name_exists = query.name_exists or self.name
             return await next(query)
         version = 6 if query.qtype == QTYPE.AAAA else 4
         # Both versions at once: the other one decides NODATA vs NXDOMAIN at no extra wait.
@@ -162,6 +165,9 @@ class OverlayStage:
                 NOERROR, self.name, Outcome.NODATA, f"{self.name}:{other_known.method}",
                 authority=authority, authoritative=True,
             )  # fmt: skip
+        if self.on_miss == "next":
+            query.note(f"  {host} not found by {', '.join(self.methods)} -> next")
+            return await next(query)
         query.note(f"  {host} not found by {', '.join(self.methods)} -> NXDOMAIN")
         return Reply(
             NXDOMAIN, self.name, Outcome.NXDOMAIN, f"{self.name}:not-found",
@@ -176,9 +182,12 @@ class OverlayStage:
             out.append(RR(query.name, rtype, ttl=self.ttl, rdata=rdata))
         return out
 
-    async def _exists(self, host: str, query: Query) -> bool:
-        four, six = await asyncio.gather(self._lookup(host, 4, query), self._lookup(host, 6, query))
-        return bool(four.addresses or six.addresses)
+    def _known_now(self, host: str) -> bool:
+        now = self.clock()
+        return any(
+            (known := self.known.get((host, version))) is not None and known.addresses and now < known.expires
+            for version in (4, 6)
+        )
 
     def _lookup(self, host: str, version: int, query: Query) -> asyncio.Future[_Known]:
         """The cached result, the lookup in flight, or a new lookup -- as a future."""
@@ -286,6 +295,11 @@ def build(section: Section, ctx: BuildContext) -> OverlayStage | None:
     timeout = section.get("timeout", number_range(0.01, 10), default=0.3)
     ttl = section.get("ttl", int_range(0, 86400), default=30)
     negative_ttl = section.get("negative_ttl", int_range(0, 86400), default=30)
+    on_miss = section.get("on_miss", as_str, default="nxdomain")
+    if on_miss not in ("nxdomain", "next"):
+        section.where.child("on_miss").error(
+            section.node_of("on_miss"), f"unknown {on_miss!r}", "use nxdomain or next"
+        )
     section.finish()
     if section.where.error_count() != errors_before:
         return None
@@ -305,5 +319,6 @@ def build(section: Section, ctx: BuildContext) -> OverlayStage | None:
             peer_lookup = PeerLookup(peers, peers_file, peers_command, refresh)
             lookups["peers"], services = peer_lookup, [*services, peer_lookup]
     return OverlayStage(
-        name, ctx.zone, lookups, host_pattern, prefer, timeout, ttl, negative_ttl, ctx.soa, services=services
-    )
+        name, ctx.zone, lookups, host_pattern, prefer, timeout, ttl, negative_ttl, ctx.soa,
+        services=services, on_miss=on_miss,
+    )  # fmt: skip
