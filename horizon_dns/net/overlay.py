@@ -103,12 +103,24 @@ class MdnsLookup:
             AddressResolverIPv4,
             AddressResolverIPv6,
             IPVersion,
+            current_time_millis,
         )
 
         if self.zeroconf is None:
             return []
+        name = f"{host}.local."
+        # zeroconf would answer from its own cache for the records' TTL (120 s from avahi)
+        # even after the link went down; the overlay stage keeps its own, configurable,
+        # cache, so when it asks, ask the network.
+        # Only records older than a second go: a concurrent lookup of the other IP version
+        # may have just brought fresh ones.
+        cache = self.zeroconf.zeroconf.cache
+        cutoff = current_time_millis() - 1000
+        stale = [r for r in cache.async_entries_with_name(name) if r.type in (1, 28) and r.created < cutoff]
+        if stale:
+            cache.async_remove_records(stale)
         cls = AddressResolverIPv4 if version == 4 else AddressResolverIPv6
-        resolver = cls(f"{host}.local.")
+        resolver = cls(name)
         try:
             await resolver.async_request(self.zeroconf.zeroconf, int(timeout * 1000))  # milliseconds
         except Exception as exc:  # zeroconf errors are misses here
