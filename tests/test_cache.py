@@ -209,7 +209,7 @@ def test_ttl_arithmetic(ttl: int, age: int, floor: int, cap: int) -> None:
         assert fresh is None
     else:
         assert fresh is not None
-        packed, body = fresh
+        packed, body, _expires = fresh
         reply = Reply(NOERROR, "cache", Outcome.ANSWER, "hit", packed=replace(packed, body=body))
         assert ttls(make_query("a.test."), reply) == [lifetime - age]
 
@@ -294,3 +294,17 @@ def test_leading_cache_keeps_the_chased_chain_for_the_hot_path(tmp_path: Path) -
     # The target was cached on its own too.
     target = dns.message.make_query("nodeb.hot.test", "A").to_wire()
     assert handler.fast_answer(target) is not None
+
+
+def test_remembered_replies_differ_only_in_id_and_end_with_a_reload(tmp_path: Path) -> None:
+    config = config_from(tmp_path, HOT_RULES)
+    handler = QueryHandler(config.pipeline())
+    first = dns.message.make_query("a.hot.test", "A", use_edns=0)
+    asyncio.run(handler.handle(first.to_wire(), ("127.0.0.1", 1), "udp"))
+    one = handler.fast_answer(first.to_wire())
+    first.id = (first.id + 1) % 65536
+    two = handler.fast_answer(first.to_wire())
+    assert one is not None and two is not None and one[2:] == two[2:] and one[:2] != two[:2]
+    assert dns.message.from_wire(two).id == first.id
+    handler.pipeline = config_from(tmp_path, HOT_RULES.replace("192.0.2.7", "192.0.2.8")).pipeline()
+    assert handler.fast_answer(first.to_wire()) is None  # nothing remembered across a reload

@@ -71,7 +71,7 @@ class UdpListener(asyncio.DatagramProtocol):
             return
         transport = self.transport
         assert transport is not None
-        client = str(addr[0])
+        client: str = addr[0]  # type: ignore[assignment]  # an IP string for AF_INET/AF_INET6
         policy = self.policy
         if self.acl is not None and not self.acl.allows(client):
             policy.refused += 1

@@ -109,8 +109,8 @@ class CacheStage:
 
     # The synchronous hot path ------------------------------------------------
 
-    def serve_fresh(self, key: bytes) -> tuple[Packed, bytes] | None:
-        """A fresh entry's packed reply and its aged body, or None. No awaits."""
+    def serve_fresh(self, key: bytes) -> tuple[Packed, bytes, float] | None:
+        """A fresh entry's packed reply, its aged body and when it expires; None on a miss."""
         entry = self.entries.get(key)
         if entry is None:
             return None
@@ -119,7 +119,7 @@ class CacheStage:
             return None
         self.entries.move_to_end(key)
         self.hits += 1
-        return entry.packed, aged_body(entry.packed, int(now - entry.stored))
+        return entry.packed, aged_body(entry.packed, int(now - entry.stored)), entry.expires
 
     # The stage ---------------------------------------------------------------
 
@@ -127,7 +127,7 @@ class CacheStage:
         key = query_key(query)
         fresh = self.serve_fresh(key)
         if fresh is not None:
-            packed, body = fresh
+            packed, body, _expires = fresh
             query.note(f"  cache hit ({len(self.entries)} entries)")
             return Reply(
                 packed.rcode, self.name, self.entries[key].outcome, "cache:hit",
