@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 MAX_NAME_WIRE = 255  # RFC 1035 §3.1
 MAX_LABEL = 63  # RFC 1035 §2.3.4
 _SPECIAL = b'.\\"();@$'
+# Labels that need no escaping: the overwhelming majority, converted without a loop.
+_PLAIN = re.compile(rb"[A-Za-z0-9_\-*/+=:#%&!?,<>\[\]^`{|}~']+")
 
 
 def name_to_text(wire: bytes) -> str:
@@ -19,7 +23,7 @@ def name_to_text(wire: bytes) -> str:
             break
         label = wire[offset + 1 : offset + 1 + length]
         offset += 1 + length
-        if all(0x21 <= b <= 0x7E and b not in _SPECIAL for b in label):
+        if _PLAIN.fullmatch(label) or all(0x21 <= b <= 0x7E and b not in _SPECIAL for b in label):
             parts.append(label.decode("ascii"))
         else:
             parts.append("".join(_escape_byte(b) for b in label))

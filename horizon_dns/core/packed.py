@@ -57,6 +57,11 @@ class Packed:
     def min_ttl(self) -> int | None:
         return min((ttl for _off, ttl in self.ttls), default=None)
 
+    def answer_types(self) -> list[int]:
+        """Record types of the answer section, read from the bytes (TYPE sits 4 bytes before TTL)."""
+        body = self.body
+        return [int.from_bytes(body[off - 4 : off - 2], "big") for off, _ttl in self.ttls[: self.ancount]]
+
     def negative_ttl(self) -> int | None:
         """RFC 2308 §5: min(SOA TTL, SOA MINIMUM) of the SOA in authority, if any."""
         # Walk behind a zero prefix of the question's length so offsets match the body's.
@@ -91,26 +96,48 @@ def index_records(data: bytes, start: int, count: int) -> tuple[list[tuple[int, 
     return ttls, offset
 
 
+class _PlainBuffer(DNSBuffer):  # type: ignore[misc]
+    """A dnslib buffer that never compresses: the bytes stay valid at any offset."""
+
+    def encode_name(self, name: object) -> None:
+        self.encode_name_nocompress(name)
+
+
+def record_wire(rr: RR) -> tuple[bytes, bytes]:
+    """A record's owner (lowercased wire name) and the rest of its wire form, uncompressed.
+
+    Remembered on the record object: records rendered by a template are reused for
+    every query with the same rendered text, so each is packed once.
+    """
+    wire: tuple[bytes, bytes] | None = getattr(rr, "_horizon_wire", None)
+    if wire is None:
+        buf = _PlainBuffer()
+        rr.pack(buf)
+        data = bytes(buf.data)
+        owner_end = skip_name(data, 0)
+        wire = (data[:owner_end].lower(), data[owner_end:])
+        rr._horizon_wire = wire
+    return wire
+
+
+_POINTER_TO_QUESTION = b"\xc0\x0c"  # RFC 1035 §4.1.4: the name at offset 12, the question's
+
+
 def pack_records(query_question: bytes, qname_wire: bytes, sections: tuple[list, list, list]) -> bytes:  # type: ignore[type-arg]
-    """Pack dnslib records behind a header and question; return the whole message."""
-    buf = DNSBuffer()
-    buf.append(b"\x00" * HEADER.size)
-    offset = HEADER.size
-    labels: list[bytes] = []
-    positions: list[int] = []
-    i = 0
-    while qname_wire[i]:
-        positions.append(offset + i)
-        labels.append(qname_wire[i + 1 : i + 1 + qname_wire[i]].lower())
-        i += 1 + qname_wire[i]
-    buf.append(query_question)
-    # dnslib keys its compression table by label tuples; let records point into the question.
-    for n, pos in enumerate(positions):
-        buf.names.setdefault(tuple(labels[n:]), pos)
+    """Records behind a zeroed header and the question; the whole message.
+
+    An owner equal to the question's name points to it, so answers carry the
+    client's letter case and the message stays small; everything else is written
+    in full, so no other offset matters.
+    """
+    qname = qname_wire.lower()
+    parts = [b"\x00" * HEADER.size, query_question]
     for section in sections:
         for rr in section:
-            rr.pack(buf)
-    return bytes(buf.data)
+            owner, rest = record_wire(rr)
+            parts.append(_POINTER_TO_QUESTION if owner == qname else owner)
+            parts.append(rest)
+    return b"".join(parts)
 
 
 def from_message(

@@ -210,7 +210,8 @@ class Pipeline:
             return Reply(
                 REFUSED, "pipeline", Outcome.REFUSED, "transfer", ede=(EDE_PROHIBITED, "no zone transfers")
             ), None
-        zone = self.zone_for(query.name)
+        found = self.zone_for_wire(query.qname_wire.lower())
+        zone = found[0] if found is not None else None
         if zone is None:
             query.note(f"{query.name} is in no zone -> REFUSED")
             return (
@@ -241,11 +242,11 @@ class Pipeline:
         qtype = query.qtype
         answer, authority, additional = reply.answer, reply.authority, reply.additional
         if reply.packed is not None:
-            if not reply.packed.ancount:
-                return reply
+            if QTYPE.CNAME not in reply.packed.answer_types():
+                return reply  # nothing to chase: no need to decode the bytes
             # Forwarded or cached: the records are bytes; decode them to follow the chain.
             answer, authority, additional = unpack_records(query.question, reply.packed)
-        if not answer:
+        if not answer or not any(rr.rtype == QTYPE.CNAME for rr in answer):
             return reply
         original_count = len(answer)
         answer = list(answer)
