@@ -35,6 +35,7 @@ from horizon_dns.llmnr.responder import Names
 from horizon_dns.metrics import MetricsServer, Sources
 from horizon_dns.net.interfaces import list_interfaces
 from horizon_dns.net.llmnr import LlmnrResponder
+from horizon_dns.net.mdns_announce import MdnsAnnouncer
 from horizon_dns.net.server import DnsServer
 from horizon_dns.net.systemd import notify, reloading
 from horizon_dns.net.tcp import TcpLimits
@@ -117,6 +118,7 @@ class Runtime:
             policy=self.server.policy,
         )
         self.metrics: MetricsServer | None = None
+        self.announcer: MdnsAnnouncer | None = None
         self.query_log: QueryLog | None = None
         self.stop_event = asyncio.Event()
         self.reload_lock = asyncio.Lock()
@@ -159,6 +161,9 @@ class Runtime:
         if self.responder is None:
             return
         await self.responder.start()
+        if config.llmnr is not None and config.llmnr.mdns_announce:
+            self.announcer = MdnsAnnouncer(self.responder.names, self.responder.list_interfaces)
+            await self.announcer.start()
         log.info(
             "LLMNR responder for %s on %s",
             ", ".join(sorted(self.responder.names.all())),
@@ -166,6 +171,13 @@ class Runtime:
         )
         if config.llmnr is not None and config.llmnr.conflict_check:
             self._spawn(self.responder.check_conflicts())
+
+    async def _stop_responder(self) -> None:
+        if self.announcer is not None:
+            await self.announcer.stop()
+            self.announcer = None
+        if self.responder is not None:
+            await self.responder.stop()
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -198,8 +210,7 @@ class Runtime:
             for task in list(self.background):
                 task.cancel()
             await asyncio.gather(*self.background, return_exceptions=True)
-            if self.responder is not None:
-                await self.responder.stop()
+            await self._stop_responder()
             await self.server.stop(0)
             await self.handler.pipeline.stop()
             if self.metrics is not None:
@@ -273,8 +284,7 @@ class Runtime:
         policy.limiter.qps, policy.limiter.burst = config.rate_qps, float(config.rate_burst)
         self._apply_query_log(config)
         if config.llmnr != old_config.llmnr:
-            if self.responder is not None:
-                await self.responder.stop()
+            await self._stop_responder()
             self.responder = make_llmnr_responder(config)
             self.sources.llmnr = self.responder
             await self._start_responder(config)

@@ -121,3 +121,38 @@ def test_resolved_holding_tcp_5355_gives_the_documented_message(llmnr_lab: tuple
             server.stop()
     finally:
         the_lab.run("start-resolved.sh", "stop", "c", check=False)
+
+
+RESOLVE_MDNS = """
+import asyncio, sys
+from zeroconf import AddressResolverIPv4, IPVersion
+from zeroconf.asyncio import AsyncZeroconf
+async def main():
+    zc = AsyncZeroconf(interfaces=["100.64.0.2"])
+    found = {}
+    for name in sys.argv[1:]:
+        r = AddressResolverIPv4(name + ".local.")
+        await r.async_request(zc.zeroconf, 3000)
+        found[name] = [str(a) for a in r.ip_addresses_by_version(IPVersion.V4Only)]
+    await zc.async_close()
+    print(found)
+asyncio.run(main())
+"""
+
+
+def test_aliases_are_published_over_mdns_beside_a_real_avahi(llmnr_lab: tuple[Lab, Path]) -> None:
+    the_lab, work = llmnr_lab
+    the_lab.run("start-avahi.sh", "b", timeout=60)  # avahi on the asking node: both share 5353
+    announcing = SERVER.replace("[hub, grafana]", "[wiki]") + "  mdns_announce: true\n"
+    announcing = announcing.replace("printer:", "scanner:")
+    server = start_lab_server(the_lab, "c", work / "mdns", announcing)
+    try:
+        server.wait_for(r"mDNS: publishing scanner\.local", timeout=15)
+        out = the_lab.exec("b", "python3", "-c", RESOLVE_MDNS, "wiki", "scanner", timeout=30)
+        assert "'wiki': ['100.64.0.3']" in out.stdout and "'scanner': ['100.64.0.22']" in out.stdout, out
+        # avahi in node b keeps answering for its own host name meanwhile (asked from node a).
+        own = the_lab.exec("a", "python3", "-c", RESOLVE_MDNS.replace("100.64.0.2", "100.64.0.1"), "nodeb")
+        assert "'nodeb': ['100.64.0.2']" in own.stdout, own
+    finally:
+        server.stop()
+        the_lab.run("start-avahi.sh", "stop", "b", check=False)

@@ -71,6 +71,7 @@ class LlmnrSettings:
     ttl: int = 30
     tcp: bool = True
     conflict_check: bool = True
+    mdns_announce: bool = False
 
 
 @dataclass(slots=True)
@@ -435,6 +436,7 @@ def _read_llmnr(section: Section) -> LlmnrSettings:
         ttl=section.get("ttl", int_range(0, 86400), default=30),
         tcp=section.get("tcp", as_bool, default=True),
         conflict_check=section.get("conflict_check", as_bool, default=True),
+        mdns_announce=section.get("mdns_announce", as_bool, default=False),
     )
     section.finish()
     return settings
