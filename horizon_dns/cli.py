@@ -39,6 +39,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if config is None:
         return 1
     install_uvloop()
+    if config.workers > 1:
+        from horizon_dns.workers import run_workers
+
+        return run_workers(config)
     try:
         return asyncio.run(serve(config))
     except BindError as exc:

@@ -103,13 +103,17 @@ def _snapshot(config: Config) -> dict[str, tuple[int, int]]:
 class Runtime:
     """Everything a running server holds, and how it changes on reload."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, worker: int = 0) -> None:
         self.config = config
+        #: Worker 0 also runs what exists once per node: LLMNR, mDNS, metrics.
+        self.worker = worker
         self.pipeline = config.pipeline()
         self.handler = QueryHandler(self.pipeline, config.udp_payload, config.nsid)
         limits = TcpLimits(config.tcp_idle_timeout, config.tcp_max_connections, config.tcp_max_inflight)
-        self.server = DnsServer(self.handler, config.listen, limits, self.policy_for(config))
-        self.responder = make_llmnr_responder(config)
+        self.server = DnsServer(
+            self.handler, config.listen, limits, self.policy_for(config), reuse_port=config.workers > 1
+        )
+        self.responder = make_llmnr_responder(config) if worker == 0 else None
         self.sources = Sources(
             self.handler,
             tcp_connections=lambda: len(self.server.connections.open),
@@ -146,7 +150,7 @@ class Runtime:
         self.handler.fast_enabled = self.query_log is None
 
     async def _start_metrics(self, config: Config) -> None:
-        if config.metrics is None:
+        if config.metrics is None or self.worker != 0:
             return
         metrics = MetricsServer(self.sources, config.metrics.host, config.metrics.port)
         try:
@@ -158,7 +162,7 @@ class Runtime:
         log.info("metrics on http://%s/metrics", f"{config.metrics.host}:{metrics.port}")
 
     async def _start_responder(self, config: Config) -> None:
-        if self.responder is None:
+        if self.responder is None or self.worker != 0:
             return
         await self.responder.start()
         if config.llmnr is not None and config.llmnr.mdns_announce:
@@ -195,6 +199,8 @@ class Runtime:
             log.info("%s", describe(config).replace("\n", "; "))
             log.info("listening on %s", ", ".join(str(a) for a in self.server.bound))
             self.sources.ready = True
+            if config.workers > 1:
+                log.info("worker %d of %d ready", self.worker, config.workers)
             notify("READY=1", f"STATUS=answering on {', '.join(str(a) for a in self.server.bound)}")
             if config.watch and (config.path is not None or config.rules_dir is not None):
                 self._spawn(self.watch())
@@ -285,7 +291,7 @@ class Runtime:
         self._apply_query_log(config)
         if config.llmnr != old_config.llmnr:
             await self._stop_responder()
-            self.responder = make_llmnr_responder(config)
+            self.responder = make_llmnr_responder(config) if self.worker == 0 else None
             self.sources.llmnr = self.responder
             await self._start_responder(config)
         if config.metrics != old_config.metrics:
@@ -306,6 +312,6 @@ class Runtime:
         await pipeline.stop()
 
 
-async def serve(config: Config) -> int:
+async def serve(config: Config, worker: int = 0) -> int:
     """Run a server for ``config`` until SIGTERM/SIGINT; return the exit code."""
-    return await Runtime(config).run()
+    return await Runtime(config, worker).run()

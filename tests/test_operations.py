@@ -333,3 +333,29 @@ def test_nsid_over_both_transports(tmp_path: Path, transport: str) -> None:
         assert nsid.to_wire() == b"n1" or getattr(nsid, "nsid", b"") == b"n1"
     finally:
         server.stop()
+
+
+def test_workers_share_the_port_and_a_dead_worker_is_replaced(tmp_path: Path) -> None:
+    from peers import free_port
+
+    port = free_port()
+    server = start_server(tmp_path, RELOAD_RULES, "workers: 2\n", ipv6=False, port=port)
+    try:
+        deadline = time.monotonic() + 15
+        while server.log_text().count("ready") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pids = [int(p) for p in re.findall(r"started 2 workers: (\d+), (\d+)", server.log_text())[0]]
+        for i in range(50):
+            assert ask(server, f"w{i}.mydomain.tld").rcode() == dns.rcode.NOERROR
+        import os
+
+        os.kill(pids[0], signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while "restarting" not in server.log_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert re.search(r"worker 0 \(pid \d+\) exited with -9; restarting", server.log_text())
+        for i in range(50):  # the other worker and then the new one keep answering
+            assert ask(server, f"v{i}.mydomain.tld").rcode() == dns.rcode.NOERROR
+    finally:
+        assert server.stop() == 0
+    assert "Traceback" not in server.log_text()

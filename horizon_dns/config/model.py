@@ -88,6 +88,7 @@ class Config:
     rate_qps: float = 1000.0
     rate_burst: int = 2000
     refuse_udp: str = "silence"
+    workers: int = 1
     shutdown_timeout: float = 5.0
     aliases: dict[str, str] = field(default_factory=dict)
     zones: list[Zone] = field(default_factory=list)
@@ -512,6 +513,12 @@ def _read_server(loader: _Loader, section: Section, base: Path, rules_optional: 
     config.rate_qps = limits.get("rate_qps", number_range(0, 1e7), default=1000.0)
     config.rate_burst = limits.get("rate_burst", int_range(1, 10_000_000), default=2000)
     limits.finish()
+    config.workers = section.get("workers", int_range(1, 64), default=1)
+    if config.workers > 1 and any(a.port == 0 for a in listen):
+        section.where.child("workers").error(
+            section.node_of("workers"), "workers share their listen addresses: port 0 cannot be shared",
+            "give every listen address a fixed port",
+        )  # fmt: skip
     config.refuse_udp = section.get("refuse_udp", as_str, default="silence")
     if config.refuse_udp not in ("silence", "refused"):
         section.where.child("refuse_udp").error(

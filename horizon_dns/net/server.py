@@ -30,12 +30,15 @@ class BindError(Error):
     """A listen address could not be bound."""
 
 
-def _socket(host: str, port: int, kind: int) -> socket.socket:
+def _socket(host: str, port: int, kind: int, reuse_port: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, kind)
     try:
         if kind == socket.SOCK_STREAM:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            # Worker processes share the address; the kernel spreads queries among them.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             # One address, one family: "::" must not also grab IPv4.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -56,8 +59,10 @@ class DnsServer:
         listen: Sequence[ListenAddress],
         tcp_limits: TcpLimits | None = None,
         policy: EdgePolicy | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.handler = handler
+        self.reuse_port = reuse_port
         self.listen = list(listen)
         self.inflight = InFlight()
         self.policy = policy or EdgePolicy()
@@ -80,12 +85,12 @@ class DnsServer:
         attempts = 20 if address.port == 0 else 1
         for attempt in range(attempts):
             try:
-                udp_sock = _socket(address.host, address.port, socket.SOCK_DGRAM)
+                udp_sock = _socket(address.host, address.port, socket.SOCK_DGRAM, self.reuse_port)
             except OSError as exc:
                 raise BindError(f"cannot listen on UDP {address}: {exc.strerror}") from exc
             port = udp_sock.getsockname()[1]
             try:
-                tcp_sock = _socket(address.host, port, socket.SOCK_STREAM)
+                tcp_sock = _socket(address.host, port, socket.SOCK_STREAM, self.reuse_port)
             except OSError as exc:
                 udp_sock.close()
                 if attempt + 1 < attempts:
