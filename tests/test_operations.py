@@ -359,3 +359,26 @@ def test_workers_share_the_port_and_a_dead_worker_is_replaced(tmp_path: Path) ->
     finally:
         assert server.stop() == 0
     assert "Traceback" not in server.log_text()
+
+
+def test_grafana_dashboard_uses_only_metrics_we_export(tmp_path: Path) -> None:
+    import json
+
+    dashboard = json.loads(
+        (Path(__file__).resolve().parent.parent / "contrib/grafana/horizon-dns.json").read_text()
+    )
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    used = set(re.findall(r"horizon_dns_[a-z_]+", " ".join(exprs)))
+    server = start_server(tmp_path, SEED_RULES)
+    try:
+        ask(server, "www.nodeb.mydomain.tld")
+        _, text = get(metrics_port(server), "/metrics")
+    finally:
+        server.stop()
+    exported = set(re.findall(r"^(horizon_dns_[a-z_]+)", text, re.M))
+    for name, kind in re.findall(r"^# TYPE (horizon_dns_[a-z_]+) (\w+)", text, re.M):
+        # A family with no sample yet still has its TYPE line; add its sample names.
+        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"]}.get(kind, [""])
+        exported.update(name if name.endswith(suffix) else name + suffix for suffix in suffixes)
+    missing = {name for name in used if name not in exported}
+    assert not missing, f"the dashboard queries series that are never exported: {missing}"
