@@ -23,6 +23,7 @@ Series (all prefixed ``horizon_dns_``):
 ``upstream_queries_total`` ``upstream_failures_total`` ``upstream_rtt_seconds`` ``upstream_up``
                                        by stage, upstream
 ``overlay_lookups_total``              stage, method, result (found, missed)
+``stage_shed_total``                   stage: upstream queries or lookups refused at their cap
 ``llmnr_queries_total``                reason (answered, not-ours, unicast-udp, ...)
 ``llmnr_conflicts_total``
 ``reloads_total``                      result (ok, error)
@@ -163,6 +164,9 @@ class Collector(CollectorBase):
         overlay = CounterMetricFamily(
             p + "overlay_lookups", "Overlay lookups by method.", labels=["stage", "method", "result"]
         )
+        shed = CounterMetricFamily(
+            p + "stage_shed", "Work refused at a stage's cap (upstream, lookups).", labels=["stage"]
+        )
         for zone in list(handler.pipeline.zones.values()):
             for stage_name, histogram in zone.timings.items():
                 _add_histogram(stage_time, [zone.name, stage_name], histogram)
@@ -182,12 +186,14 @@ class Collector(CollectorBase):
                         up_fail.add_metric(labels, state.errors)
                         up_rtt.add_metric(labels, state.srtt)
                         up_up.add_metric(labels, 0 if state.disabled or state.failures >= 3 else 1)
+                    shed.add_metric([stage.name], stage.shed)
                 elif isinstance(stage, OverlayStage):
                     for (method, result), n in list(stage.lookups.items()):
                         overlay.add_metric([stage.name, method, result], n)
+                    shed.add_metric([stage.name], stage.shed)
         yield stage_time
         yield from cache.values()
-        yield from (entries, up_queries, up_fail, up_rtt, up_up, overlay)
+        yield from (entries, up_queries, up_fail, up_rtt, up_up, overlay, shed)
 
         llmnr = CounterMetricFamily(p + "llmnr_queries", "LLMNR messages by decision.", labels=["reason"])
         conflicts = 0

@@ -319,3 +319,20 @@ def test_servfail_and_nxdomain_from_upstream_are_distinct(fake: FakeUpstream) ->
     reply = ask(forward(fake.address), make_query("nx.test."))
     assert reply.rcode == NXDOMAIN and reply.outcome is Outcome.NXDOMAIN
     assert reply.packed is not None and reply.packed.negative_ttl() == 5
+
+
+def test_outstanding_upstream_queries_are_capped() -> None:
+    with fake_upstream() as slow:
+        slow.default, slow.delay = "delay", 0.3
+        stage = forward(slow.address, max_outstanding=3, timeout=1.0)
+
+        async def flood() -> list[Reply]:
+            await stage.start()
+            try:
+                return await asyncio.gather(*(stage.handle(make_query(f"q{i}.test."), _no_next) for i in range(10)))
+            finally:
+                await stage.stop()
+
+        replies = asyncio.run(flood())
+    assert sum(r.rcode == NOERROR for r in replies) == 3 and stage.shed == 7
+    assert all(r.reason == "forward:test:overloaded" for r in replies if r.rcode == SERVFAIL)

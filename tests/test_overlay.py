@@ -216,3 +216,15 @@ def test_config_builds_methods_and_checks_them(tmp_path: Path) -> None:
 def test_answer_type_matches_query() -> None:
     reply = resolve(stage({"mdns": Scripted(NODEB)}), "nodeb.mydomain.tld.", "AAAA")
     assert [rr.rtype for rr in reply.answer] == [QTYPE.AAAA]
+
+
+def test_lookups_in_flight_are_capped() -> None:
+    method = Scripted({}, delay=0.05)
+    st = stage({"mdns": method}, max_lookups=4)
+
+    async def flood() -> list[Reply]:
+        return await asyncio.gather(*(st.handle(make_query(f"h{i}.mydomain.tld."), _next) for i in range(20)))
+
+    replies = asyncio.run(flood())
+    assert all(r.rcode == NXDOMAIN for r in replies)
+    assert len(method.calls) == 4 and st.shed == 36  # 20 names x 2 versions, 4 really asked

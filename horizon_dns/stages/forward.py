@@ -7,6 +7,7 @@ YAML::
         policy: sequential          # or random, fastest (smoothed RTT)
         timeout: 1.0                # seconds per try
         total_timeout: 3.0          # seconds for the whole query, over all tries
+        max_outstanding: 512        # queries upstream at once; beyond, SERVFAIL at once
         tls_ca: /path/ca.pem        # for tls:// upstreams; default: the system store
 
 ``resolv.conf`` stands for the ``nameserver`` lines of /etc/resolv.conf.
@@ -40,7 +41,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from horizon_dns.config.source import Section, as_str, item_node, number_range
+from horizon_dns.config.source import Section, as_str, int_range, item_node, number_range
 from horizon_dns.core.loop import LoopGuard
 from horizon_dns.core.message import Outcome, Query, Reply
 from horizon_dns.core.names import text_to_name
@@ -120,8 +121,12 @@ class ForwardStage:
         tls_ca: str | None = None,
         exchange_udp_: Exchange = exchange_udp,
         exchange_tcp_: Exchange = exchange_tcp,
+        max_outstanding: int = 512,
     ) -> None:
         self.name = name
+        self.max_outstanding = max_outstanding
+        self.outstanding = 0
+        self.shed = 0
         self.states = [UpstreamState(u) for u in upstreams]
         self.policy = policy
         self.timeout = timeout
@@ -211,6 +216,21 @@ class ForwardStage:
         return data
 
     async def handle(self, query: Query, next: Next) -> Reply:
+        if self.outstanding >= self.max_outstanding:
+            # Bounded resources: a flood of misses must not open sockets without end.
+            self.shed += 1
+            query.note(f"  {self.outstanding} queries already upstream -> SERVFAIL")
+            return Reply(
+                SERVFAIL, self.name, Outcome.FAILED, f"{self.name}:overloaded",
+                ede=(EDE_NO_REACHABLE_AUTHORITY, "too many queries upstream"), cacheable=False,
+            )  # fmt: skip
+        self.outstanding += 1
+        try:
+            return await self._forward(query)
+        finally:
+            self.outstanding -= 1
+
+    async def _forward(self, query: Query) -> Reply:
         loop_time = time.monotonic
         deadline = loop_time() + self.total_timeout
         question = query.question
@@ -312,9 +332,12 @@ def build(section: Section, ctx: BuildContext) -> ForwardStage | None:
     timeout = section.get("timeout", number_range(0.01, 60), default=1.0)
     total = section.get("total_timeout", number_range(0.01, 300), default=3.0)
     tls_ca = section.get("tls_ca", as_str, default="")
+    max_outstanding = section.get("max_outstanding", int_range(1, 100_000), default=512)
     if tls_ca and not Path(tls_ca).is_file():
         section.where.child("tls_ca").error(section.node_of("tls_ca"), f"CA file {tls_ca} does not exist")
     section.finish()
     if section.where.error_count() != errors_before:
         return None
-    return ForwardStage(name, upstreams, policy, timeout, total, ctx.guard, tls_ca or None)
+    return ForwardStage(
+        name, upstreams, policy, timeout, total, ctx.guard, tls_ca or None, max_outstanding=max_outstanding
+    )

@@ -16,6 +16,7 @@ YAML::
         ttl: 30                         # of answers
         negative_ttl: 30                # a host not found is not asked again for this long
         on_miss: nxdomain               # or next: a host nobody knows goes to the next stage
+        max_lookups: 256                # distinct lookups in flight; beyond, "not found" at once
 
 Contract: for A and AAAA of a name whose host label it can derive, the stage
 asks every method concurrently for both IP versions and answers with the first
@@ -92,6 +93,7 @@ class OverlayStage:
         clock: Callable[[], float] = time.monotonic,
         services: Sequence[Any] = (),
         on_miss: str = "nxdomain",
+        max_lookups: int = 256,
     ) -> None:
         self.name = name
         self.zone = zone
@@ -105,6 +107,8 @@ class OverlayStage:
         self.clock = clock
         self.services = list(services)  # objects with start()/stop(): zeroconf, peer refresh
         self.on_miss = on_miss
+        self.max_lookups = max_lookups
+        self.shed = 0
         self.known: dict[tuple[str, int], _Known] = {}
         self.inflight: dict[tuple[str, int], asyncio.Future[_Known]] = {}
         self.lookups: dict[tuple[str, str], int] = {}  # (method, found|missed) -> count
@@ -202,6 +206,13 @@ class OverlayStage:
         running = self.inflight.get(key)
         if running is not None:
             return running
+        if len(self.inflight) >= self.max_lookups:
+            # A flood of distinct unknown names must not start lookups without end.
+            self.shed += 1
+            query.note(f"  {len(self.inflight)} lookups in flight: {host} counts as not found")
+            shed: asyncio.Future[_Known] = loop.create_future()
+            shed.set_result(_Known([], "", 0.0))
+            return shed
         task = loop.create_task(self._ask(host, version, query))
         self.inflight[key] = task
         task.add_done_callback(lambda _t: self.inflight.pop(key, None))
@@ -296,6 +307,7 @@ def build(section: Section, ctx: BuildContext) -> OverlayStage | None:
     ttl = section.get("ttl", int_range(0, 86400), default=30)
     negative_ttl = section.get("negative_ttl", int_range(0, 86400), default=30)
     on_miss = section.get("on_miss", as_str, default="nxdomain")
+    max_lookups = section.get("max_lookups", int_range(1, 100_000), default=256)
     if on_miss not in ("nxdomain", "next"):
         section.where.child("on_miss").error(
             section.node_of("on_miss"), f"unknown {on_miss!r}", "use nxdomain or next"
@@ -320,5 +332,5 @@ def build(section: Section, ctx: BuildContext) -> OverlayStage | None:
             lookups["peers"], services = peer_lookup, [*services, peer_lookup]
     return OverlayStage(
         name, ctx.zone, lookups, host_pattern, prefer, timeout, ttl, negative_ttl, ctx.soa,
-        services=services, on_miss=on_miss,
+        services=services, on_miss=on_miss, max_lookups=max_lookups,
     )  # fmt: skip
