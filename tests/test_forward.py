@@ -329,7 +329,8 @@ def test_outstanding_upstream_queries_are_capped() -> None:
         async def flood() -> list[Reply]:
             await stage.start()
             try:
-                return await asyncio.gather(*(stage.handle(make_query(f"q{i}.test."), _no_next) for i in range(10)))
+                asks = [stage.handle(make_query(f"q{i}.test."), _no_next) for i in range(10)]
+                return await asyncio.gather(*asks)
             finally:
                 await stage.stop()
 
