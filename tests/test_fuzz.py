@@ -36,7 +36,8 @@ COUNTS: dict[str, int] = {"udp": 0, "tcp": 0, "replies": 0}
 
 @pytest.fixture(scope="module")
 def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    server = start_server(tmp_path_factory.mktemp("fuzz"), SEED_RULES, "limits: {rate_qps: 0}\n", ipv6=False)
+    work = tmp_path_factory.mktemp("fuzz")
+    server = start_server(work, SEED_RULES, "limits: {rate_qps: 0}\n", ipv6=False)
     try:
         yield server
     finally:
