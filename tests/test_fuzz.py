@@ -41,9 +41,8 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     try:
         yield server
     finally:
-        print(
-            f"\nfuzz: {COUNTS['udp']} UDP and {COUNTS['tcp']} TCP packets, {COUNTS['replies']} replies checked"
-        )
+        udp, tcp, replies = COUNTS["udp"], COUNTS["tcp"], COUNTS["replies"]
+        print(f"\nfuzz: {udp} UDP and {tcp} TCP packets, {replies} replies checked")
         assert server.stop() == 0
         assert "Traceback" not in server.log_text()
 
