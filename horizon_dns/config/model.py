@@ -37,6 +37,7 @@ from horizon_dns.config.source import (
     scalar_value,
 )
 from horizon_dns.core.access import LOOPBACK
+from horizon_dns.core.address import split_host_port
 from horizon_dns.core.encode import DEFAULT_UDP_PAYLOAD
 from horizon_dns.core.loop import LoopGuard
 from horizon_dns.core.names import text_to_name
@@ -109,33 +110,11 @@ class Config:
 
 def parse_listen(text: str) -> ListenAddress:
     """``127.0.0.1:5300``, ``[::1]:5300``; a bare address means port 53."""
-    text = text.strip()
-    host, port = text, 53
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise ValueError(f"{text!r}: missing ']' after an IPv6 address")
-        host, rest = text[1:end], text[end + 1 :]
-        if rest:
-            if not rest.startswith(":"):
-                raise ValueError(f"{text!r}: expected ':PORT' after ']'")
-            port = _port(rest[1:], text)
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-        port = _port(port_text, text)
     try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(
-            f"{text!r} is not an IP address; listen takes addresses such as 127.0.0.1:5300 or [::1]:5300"
-        ) from None
+        host, port = split_host_port(text, 53)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; listen takes addresses such as 127.0.0.1:5300 or [::1]:5300") from None
     return ListenAddress(host, port)
-
-
-def _port(text: str, whole: str) -> int:
-    if not text.isdigit() or not 0 <= int(text) <= 65535:
-        raise ValueError(f"{whole!r}: port must be a number 0..65535")
-    return int(text)
 
 
 def zone_key(text: str) -> str:

@@ -48,6 +48,7 @@ from horizon_dns.core.wire import (
     decode_query,
     encode_error,
 )
+from horizon_dns.core.wire import question_end as find_question_end
 
 log = logging.getLogger("horizon_dns.handler")
 
@@ -142,19 +143,10 @@ class QueryHandler:
         # QR=0, opcode QUERY, one question, nothing but an optional OPT after it.
         if flags & 0xF800 or qdcount != 1 or ancount or nscount or arcount > 1:
             return None
-        offset = 12
-        while True:
-            if offset >= size:
-                return None
-            length = data[offset]
-            if length == 0:
-                break
-            if length > 63:
-                return None
-            offset += 1 + length
-        question_end = offset + 5
-        if question_end > size:
+        question_end = find_question_end(data)
+        if question_end is None:
             return None
+        offset = question_end - 5  # the root label ending the name
         if arcount:
             # RFC 6891 §6.1.1: the OPT of a well-formed query; anything else is decoded fully.
             if size < question_end + 11 or data[question_end] != 0:

@@ -19,6 +19,7 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
+from horizon_dns.core.address import split_host_port
 from horizon_dns.core.wire import HEADER, QR
 
 _LENGTH = struct.Struct("!H")
@@ -57,30 +58,11 @@ def parse_upstream(text: str) -> Upstream:
             raise ValueError(f"{text!r}: DNS over TLS needs the server's name: tls://IP#NAME")
     elif "://" in rest:
         raise ValueError(f"{text!r}: only plain IP[:PORT] and tls://IP[:PORT]#NAME are supported")
-    host, port = rest, default_port
-    if rest.startswith("["):
-        end = rest.find("]")
-        if end < 0:
-            raise ValueError(f"{text!r}: missing ']'")
-        host, tail = rest[1:end], rest[end + 1 :]
-        if tail:
-            port = _port(tail.removeprefix(":"), text)
-    elif rest.count(":") == 1:
-        host, port_text = rest.split(":")
-        port = _port(port_text, text)
     try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(
-            f"{text!r}: upstreams are IP addresses (a name would need DNS to find DNS)"
-        ) from None
+        host, port = split_host_port(rest, default_port, min_port=1)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; upstreams are IP addresses (a name would need DNS to find DNS)") from None
     return Upstream(host, port, tls_name)
-
-
-def _port(text: str, whole: str) -> int:
-    if not text.isdigit() or not 0 < int(text) <= 65535:
-        raise ValueError(f"{whole!r}: port must be 1..65535")
-    return int(text)
 
 
 def reply_matches(reply: bytes, message: bytes, question_end: int) -> bool:
