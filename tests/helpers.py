@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import struct
 import textwrap
 from pathlib import Path
 
@@ -47,3 +49,20 @@ def make_query(
         question=wire + code.to_bytes(2, "big") + qclass.to_bytes(2, "big"),
         client=(client, 5353),
     )
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    """``size`` bytes from a stream; EOFError when the peer closes first (bounded by the socket timeout)."""
+    out = bytearray()
+    while len(out) < size:
+        chunk = sock.recv(size - len(out))
+        if not chunk:
+            raise EOFError(f"connection closed after {len(out)} of {size} bytes")
+        out += chunk
+    return bytes(out)
+
+
+def tcp_read(sock: socket.socket) -> bytes:
+    """One length-prefixed DNS message from a TCP stream (RFC 1035 §4.2.2)."""
+    (length,) = struct.unpack("!H", recv_exactly(sock, 2))
+    return recv_exactly(sock, length)

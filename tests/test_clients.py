@@ -23,6 +23,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 from conftest import SEED_RULES, ServerProcess, require_tool, start_server
+from helpers import tcp_read
 
 TIMEOUT = 3.0  # seconds for any one reply
 HEADER = struct.Struct("!HHHHHH")
@@ -71,20 +72,6 @@ def udp_raw(host: str, port: int, data: bytes, timeout: float = TIMEOUT) -> byte
         return reply
 
 
-def recv_exactly(sock: socket.socket, size: int) -> bytes:
-    """``size`` bytes from a stream; EOFError when the peer closes first (bounded by the socket timeout)."""
-    out = bytearray()
-    while len(out) < size:
-        chunk = sock.recv(size - len(out))
-        if not chunk:
-            raise EOFError(f"connection closed after {len(out)} of {size} bytes")
-        out += chunk
-    return bytes(out)
-
-
-def tcp_read(sock: socket.socket) -> bytes:
-    (length,) = struct.unpack("!H", recv_exactly(sock, 2))
-    return recv_exactly(sock, length)
 
 
 def framed(message: bytes) -> bytes:

@@ -21,6 +21,7 @@ import dns.rcode
 import dns.rrset
 import pytest
 from conftest import SEED_RULES, ServerProcess, start_server
+from helpers import tcp_read
 
 TIMEOUT = 3.0
 PROMPT_EXIT = 3.0  # seconds a server with nothing in flight may take to exit
@@ -105,19 +106,6 @@ def framed(message: bytes) -> bytes:
     return struct.pack("!H", len(message)) + message
 
 
-def recv_exactly(sock: socket.socket, size: int) -> bytes:
-    out = bytearray()
-    while len(out) < size:
-        chunk = sock.recv(size - len(out))
-        if not chunk:
-            raise EOFError(f"connection closed after {len(out)} of {size} bytes")
-        out += chunk
-    return bytes(out)
-
-
-def tcp_read(sock: socket.socket) -> bytes:
-    (length,) = struct.unpack("!H", recv_exactly(sock, 2))
-    return recv_exactly(sock, length)
 
 
 def closed_by_peer(sock: socket.socket) -> bool:

@@ -76,7 +76,7 @@ COUNTED_TYPES = frozenset(
     }
 )
 NSID_OPTION = 3  # RFC 5001
-MEMO_SIZE = 50_000
+MEMO_SIZE = 10_000  # the hot set; beyond it the cache's own path is fast enough
 
 
 def has_option(options: bytes, code: int) -> bool:
@@ -209,7 +209,11 @@ class QueryHandler:
         except FormatError as exc:
             self.malformed["formerr"] += 1
             log.debug("FORMERR to %s: %s", client, exc)
-            return encode_error(exc.msg_id, exc.flags, FORMERR)
+            opt = b""
+            if exc.edns is not None:
+                # RFC 6891 §7: a request with a readable OPT gets one back, even a FORMERR.
+                opt = encode_opt(self.udp_payload, FORMERR, exc.edns.do, None)
+            return encode_error(exc.msg_id, exc.flags, FORMERR, opt)
         query.client = client
         query.transport = transport
         guard = self.pipeline.guard

@@ -53,7 +53,9 @@ def text_to_name(text: str) -> bytes:
                 current.append(int(digits))
                 i += 4
                 continue
-            current.extend(text[i + 1].encode("latin-1"))
+            if i + 1 >= len(text):
+                raise ValueError(f"name {text!r} ends with a lone backslash")
+            current.extend(text[i + 1].encode("latin-1", "replace"))
             i += 2
             continue
         if ch == ".":

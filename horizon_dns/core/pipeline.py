@@ -22,12 +22,13 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from dnslib import QTYPE, RR
 
 from horizon_dns.core.loop import LoopGuard
 from horizon_dns.core.message import Outcome, Query, Reply
-from horizon_dns.core.names import text_to_name
+from horizon_dns.core.names import name_to_text, text_to_name
 from horizon_dns.core.packed import unpack_records
 from horizon_dns.core.stage import FastCache, Next, Stage
 from horizon_dns.core.stats import Histogram
@@ -250,32 +251,36 @@ class Pipeline:
             return reply
         original_count = len(answer)
         answer = list(answer)
-        current = query.name
+        # Names compared as lowercased wire bytes: text forms differ between libraries
+        # for labels holding dots, quotes or high bytes (RFC 2181 §11).
+        current = query.qname_wire.lower()
         seen = {current}
         rcode = reply.rcode
         cacheable = reply.cacheable
         while True:
-            target = _cname_target(answer, current)
-            if target is None or _has_rrset(answer, target, qtype):
+            target_wire = _cname_target(answer, current)
+            if target_wire is None or _has_rrset(answer, target_wire, qtype):
                 break
-            if target in seen or len(seen) > self.max_cname_depth:
-                why = "CNAME loop" if target in seen else "CNAME chain too long"
+            target = name_to_text(target_wire)
+            if target_wire in seen or len(seen) > self.max_cname_depth:
+                why = "CNAME loop" if target_wire in seen else "CNAME chain too long"
                 query.note(f"{why} at {target} -> SERVFAIL")
                 return Reply(
                     SERVFAIL,
                     reply.stage,
                     Outcome.FAILED,
-                    "cname-loop" if target in seen else "cname-too-long",
+                    "cname-loop" if target_wire in seen else "cname-too-long",
                     ede=(EDE_OTHER, f"{why} at {target}"),
                 )
-            seen.add(target)
-            zone = self.zone_for(target)
+            seen.add(target_wire)
+            found = self.zone_for_wire(target_wire)
+            zone = found[0] if found is not None else None
             if zone is None:
                 # Not ours: hand the stub the chain so far, as an authority would.
                 query.note(f"CNAME target {target} is in no zone: returned as is")
                 break
             query.note(f"chase CNAME -> {target}")
-            sub = query.derive(text_to_name(target))
+            sub = query.derive(target_wire)
             sub_reply = await self._resolve_in(zone, sub, chase=False)
             sub_answer, sub_authority = sub_reply.answer, sub_reply.authority
             if sub_reply.packed is not None:
@@ -286,7 +291,7 @@ class Pipeline:
             cacheable = cacheable and sub_reply.cacheable
             if rcode != NOERROR:
                 break
-            current = target
+            current = target_wire
         if len(answer) == original_count and rcode == reply.rcode:
             return reply
         outcome = Outcome.ANSWER if rcode == NOERROR else _outcome_for(rcode)
@@ -317,15 +322,20 @@ def _next_label(name: str) -> int:
     return len(name)
 
 
-def _cname_target(answer: list[RR], owner: str) -> str | None:
+def _wire(label: Any) -> bytes:
+    """A dnslib DNSLabel as lowercased wire bytes."""
+    return b"".join(bytes([len(part)]) + part for part in label.label).lower() + b"\x00"
+
+
+def _cname_target(answer: list[RR], owner: bytes) -> bytes | None:
     for rr in answer:
-        if rr.rtype == QTYPE.CNAME and str(rr.rname).lower() == owner:
-            return str(rr.rdata.label).lower()
+        if rr.rtype == QTYPE.CNAME and _wire(rr.rname) == owner:
+            return _wire(rr.rdata.label)
     return None
 
 
-def _has_rrset(answer: list[RR], owner: str, qtype: int) -> bool:
-    return any(rr.rtype == qtype and str(rr.rname).lower() == owner for rr in answer)
+def _has_rrset(answer: list[RR], owner: bytes, qtype: int) -> bool:
+    return any(rr.rtype == qtype and _wire(rr.rname) == owner for rr in answer)
 
 
 def _outcome_for(rcode: int) -> Outcome:

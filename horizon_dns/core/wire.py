@@ -59,12 +59,13 @@ class NotImplementedOpcode(Exception):
 
 
 class FormatError(Exception):
-    """The header decoded, the rest did not; the edge answers FORMERR."""
+    """The header decoded, the rest did not; the edge answers FORMERR (with OPT if readable)."""
 
-    def __init__(self, msg_id: int, flags: int, why: str) -> None:
+    def __init__(self, msg_id: int, flags: int, why: str, edns: Edns | None = None) -> None:
         super().__init__(why)
         self.msg_id = msg_id
         self.flags = flags
+        self.edns = edns
 
 
 def read_name(data: bytes, offset: int) -> tuple[bytes, int]:
@@ -121,7 +122,8 @@ def decode_query(data: bytes) -> Query:
     if flags & OPCODE_MASK:
         raise NotImplementedOpcode(msg_id, flags, _find_opt(data, qdcount, ancount + nscount, arcount))
     if qdcount != 1:
-        raise FormatError(msg_id, flags, f"QDCOUNT is {qdcount}, must be 1")
+        found = _find_opt(data, qdcount, ancount + nscount, arcount)
+        raise FormatError(msg_id, flags, f"QDCOUNT is {qdcount}, must be 1", found)
     try:
         qname_wire, offset = read_name(data, HEADER.size)
         if offset + 4 > len(data):

@@ -40,6 +40,7 @@ from horizon_dns.llmnr.responder import (
     build_query,
     decide,
 )
+from horizon_dns.net.upstream import Upstream, exchange_tcp
 
 log = logging.getLogger("horizon_dns.net.llmnr")
 
@@ -367,24 +368,9 @@ async def query_multicast(
 
 
 async def query_tcp(address: str, name: str, qtype: int, timeout: float) -> bytes | None:
-    """Ask one host over TCP 5355 (RFC 4795 §2.4: unicast queries go over TCP)."""
-    msg_id = secrets.randbits(16)
-    message = build_query(msg_id, name, qtype)
-
-    async def run() -> bytes | None:
-        reader, writer = await asyncio.open_connection(address, LLMNR_PORT)
-        try:
-            writer.write(_LENGTH.pack(len(message)) + message)
-            await writer.drain()
-            (length,) = _LENGTH.unpack(await reader.readexactly(2))
-            data = await reader.readexactly(length)
-            return data if struct.unpack_from("!H", data)[0] == msg_id else None
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-
+    """Ask one host over TCP 5355 (RFC 4795 §2.4: unicast queries go over TCP); None on no answer."""
+    message = build_query(secrets.randbits(16), name, qtype)
     try:
-        return await asyncio.wait_for(run(), timeout)
-    except (OSError, TimeoutError, asyncio.IncompleteReadError):
+        return await exchange_tcp(Upstream(address, LLMNR_PORT), message, len(message), timeout)
+    except (OSError, TimeoutError, ConnectionError):
         return None

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from horizon_dns.llmnr.responder import Interface, Names
+from horizon_dns.net import mdns
 
 log = logging.getLogger("horizon_dns.net.mdns_announce")
 
@@ -50,13 +51,8 @@ class MdnsAnnouncer:
 
     async def start(self) -> None:
         from zeroconf import ServiceInfo
-        from zeroconf.asyncio import AsyncZeroconf
 
-        interfaces = self.interfaces()
-        choice: list[str | int] = [
-            str(a.ip) for i in interfaces for a in i.addresses if a.ip.version == 4
-        ] + [i.index for i in interfaces]
-        self.zeroconf = AsyncZeroconf(interfaces=choice or None)  # type: ignore[arg-type]
+        self.zeroconf = await mdns.acquire(self.interfaces())
         for name, addresses in self._records().items():
             if not addresses:
                 continue
@@ -85,5 +81,5 @@ class MdnsAnnouncer:
             except Exception as exc:
                 log.debug("mDNS: unregistering %s failed: %s", info.server, exc)
         self.registered.clear()
-        await self.zeroconf.async_close()
         self.zeroconf = None
+        await mdns.release()

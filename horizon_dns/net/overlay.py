@@ -35,6 +35,7 @@ from typing import Any
 from dnslib import QTYPE, DNSRecord
 
 from horizon_dns.llmnr.responder import Interface
+from horizon_dns.net import mdns
 from horizon_dns.net.llmnr import query_multicast, query_tcp
 
 log = logging.getLogger("horizon_dns.net.overlay")
@@ -83,20 +84,12 @@ class MdnsLookup:
         self.zeroconf: Any = None
 
     async def start(self) -> None:
-        from zeroconf import IPVersion
-        from zeroconf.asyncio import AsyncZeroconf
-
-        addresses = [str(a.ip) for i in self.interfaces() for a in i.addresses if not a.ip.is_link_local]
-        v4 = [a for a in addresses if ":" not in a]
-        # zeroconf takes interface *addresses*; IPv6 ones need the scope, so use indexes for v6.
-        indexes = [i.index for i in self.interfaces()]
-        choice: list[str | int] = [*v4, *indexes] if v4 or indexes else []
-        self.zeroconf = AsyncZeroconf(interfaces=choice or None, ip_version=IPVersion.All)  # type: ignore[arg-type]
+        self.zeroconf = await mdns.acquire(self.interfaces())
 
     async def stop(self) -> None:
         if self.zeroconf is not None:
-            await self.zeroconf.async_close()
             self.zeroconf = None
+            await mdns.release()
 
     async def __call__(self, host: str, version: int, timeout: float) -> list[IPAddress]:
         from zeroconf import (  # type: ignore[attr-defined]  # exported, but not in __all__
