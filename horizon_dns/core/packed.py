@@ -25,7 +25,21 @@ from dataclasses import dataclass
 
 from dnslib import RR, DNSBuffer, DNSRecord
 
-from horizon_dns.core.wire import AA, AD, CD, EDNS_DO, HEADER, QR, RA, RD, RR_FIXED, TC, TYPE_OPT, skip_name
+from horizon_dns.core.wire import (
+    AA,
+    AD,
+    CD,
+    EDNS_DO,
+    HEADER,
+    QR,
+    RA,
+    RD,
+    RR_FIXED,
+    TC,
+    TYPE_OPT,
+    read_rr,
+    skip_name,
+)
 
 _TTL = struct.Struct("!I")
 _EDE = 15  # RFC 8914 §2 option code
@@ -83,16 +97,9 @@ def index_records(data: bytes, start: int, count: int) -> tuple[list[tuple[int, 
     """TTL positions of ``count`` records from ``start``; return them and the end offset."""
     ttls: list[tuple[int, int]] = []
     offset = start
-    end = len(data)
     for _ in range(count):
-        offset = skip_name(data, offset)
-        if offset + 10 > end:
-            raise ValueError("record header runs past the end")
-        _rtype, _rclass, ttl, rdlength = RR_FIXED.unpack_from(data, offset)
-        ttls.append((offset + 4, ttl))
-        offset += 10 + rdlength
-        if offset > end:
-            raise ValueError("record data runs past the end")
+        _rtype, _rclass, ttl, fixed, offset = read_rr(data, offset)
+        ttls.append((fixed + 4, ttl))
     return ttls, offset
 
 
@@ -177,20 +184,13 @@ def from_upstream(data: bytes, question_end: int) -> Packed:
     opt_span: tuple[int, int] | None = None
     for _ in range(arcount):
         start = offset
-        offset = skip_name(data, offset)
-        if offset + 10 > len(data):
-            raise ValueError("record header runs past the end")
-        rtype, _rclass, ttl, rdlength = RR_FIXED.unpack_from(data, offset)
-        end = offset + 10 + rdlength
-        if end > len(data):
-            raise ValueError("record data runs past the end")
+        rtype, _rclass, ttl, fixed, offset = read_rr(data, offset)
         if rtype == TYPE_OPT:
             if opt_span is not None:
                 raise ValueError("more than one OPT record")
-            opt_span = (start, end)
+            opt_span = (start, offset)
             rcode |= (ttl >> 24) << 4  # RFC 6891 §6.1.3: upper 8 bits of the rcode
-            ede = _find_ede(data[offset + 10 : end])
-        offset = end
+            ede = _find_ede(data[fixed + 10 : offset])
     message = data[:offset]
     if opt_span is not None:
         if opt_span[1] != offset:

@@ -136,13 +136,7 @@ def decode_query(data: bytes) -> Query:
         edns: Edns | None = None
         for _ in range(arcount):
             rr_start = offset
-            offset = skip_name(data, offset)
-            if offset + 10 > len(data):
-                raise ValueError("record header runs past the end")
-            rtype, rclass, ttl, rdlength = RR_FIXED.unpack_from(data, offset)
-            offset += 10 + rdlength
-            if offset > len(data):
-                raise ValueError("record data runs past the end")
+            rtype, rclass, ttl, fixed, offset = read_rr(data, offset)
             if rtype == TYPE_OPT:
                 # RFC 6891 §6.1.1: exactly one OPT, owned by the root name.
                 if edns is not None:
@@ -153,7 +147,7 @@ def decode_query(data: bytes) -> Query:
                     udp_size=rclass,
                     version=(ttl >> 16) & 0xFF,
                     do=bool(ttl & EDNS_DO),
-                    options=data[offset - rdlength : offset],
+                    options=data[fixed + 10 : offset],
                 )
     except ValueError as exc:
         raise FormatError(msg_id, flags, str(exc)) from None
@@ -180,9 +174,7 @@ def _find_opt(data: bytes, qdcount: int, records: int, arcount: int) -> Edns | N
         for _ in range(records):
             offset = _skip_rr(data, offset)
         for _ in range(arcount):
-            start = offset
-            offset = _skip_rr(data, offset)
-            rtype, rclass, ttl, _rdlength = RR_FIXED.unpack_from(data, skip_name(data, start))
+            rtype, rclass, ttl, _fixed, offset = read_rr(data, offset)
             if rtype == TYPE_OPT:
                 return Edns(rclass, (ttl >> 16) & 0xFF, bool(ttl & EDNS_DO))
     except (ValueError, struct.error):
@@ -190,15 +182,24 @@ def _find_opt(data: bytes, qdcount: int, records: int, arcount: int) -> Edns | N
     return None
 
 
-def _skip_rr(data: bytes, offset: int) -> int:
-    offset = skip_name(data, offset)
-    if offset + 10 > len(data):
+def read_rr(data: bytes, offset: int) -> tuple[int, int, int, int, int]:
+    """The record at ``offset``: (type, class, TTL, offset of its fixed fields, end).
+
+    The fixed fields (RFC 1035 §4.1.3) follow the owner name: TTL sits 4 bytes in,
+    RDATA 10 bytes in. ValueError when the record runs past the end of ``data``.
+    """
+    fixed = skip_name(data, offset)
+    if fixed + 10 > len(data):
         raise ValueError("record header runs past the end")
-    rdlength = RR_FIXED.unpack_from(data, offset)[3]
-    offset += 10 + rdlength
-    if offset > len(data):
+    rtype, rclass, ttl, rdlength = RR_FIXED.unpack_from(data, fixed)
+    end = fixed + 10 + rdlength
+    if end > len(data):
         raise ValueError("record data runs past the end")
-    return offset
+    return rtype, rclass, ttl, fixed, end
+
+
+def _skip_rr(data: bytes, offset: int) -> int:
+    return read_rr(data, offset)[4]
 
 
 def encode_error(msg_id: int, flags: int, rcode: int, opt: bytes = b"") -> bytes:
