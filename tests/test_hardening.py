@@ -59,11 +59,18 @@ def test_short_reply_keeps_id_and_question() -> None:
     assert short_reply(query[:14], REFUSED) is None
 
 
-def _serve(tmp_path: Path, policy: EdgePolicy, allow: tuple[str, ...]) -> tuple[DnsServer, QueryHandler]:
+def _serve(
+    tmp_path: Path, policy: EdgePolicy, allow: tuple[str, ...], batched: bool
+) -> tuple[DnsServer, QueryHandler]:
     config = config_from(tmp_path, SEED_RULES)
     handler = QueryHandler(config.pipeline())
-    server = DnsServer(handler, [ListenAddress("127.0.0.1", 0, allow)], TcpLimits(), policy)
+    listen = [ListenAddress("127.0.0.1", 0, allow)]
+    server = DnsServer(handler, listen, TcpLimits(), policy, batched=batched)
     return server, handler
+
+
+#: Both UDP listeners: recvmmsg/sendmmsg batches (Linux) and the portable asyncio protocol.
+LISTENERS = pytest.mark.parametrize("batched", [True, False], ids=["mmsg", "asyncio"])
 
 
 async def _udp(port: int, wire: bytes, timeout: float = 0.5) -> bytes | None:
@@ -80,10 +87,13 @@ async def _udp(port: int, wire: bytes, timeout: float = 0.5) -> bytes | None:
         sock.close()
 
 
+@LISTENERS
 @pytest.mark.parametrize("refuse", ["silence", "refused"])
-def test_clients_outside_the_allow_list_get_silence_or_refused(tmp_path: Path, refuse: str) -> None:
+def test_clients_outside_the_allow_list_get_silence_or_refused(
+    tmp_path: Path, refuse: str, batched: bool
+) -> None:
     # The loopback client is "outside" an allow list that names only the overlay.
-    server, _ = _serve(tmp_path, EdgePolicy(refuse_udp=refuse), ("100.64.0.0/10",))
+    server, _ = _serve(tmp_path, EdgePolicy(refuse_udp=refuse), ("100.64.0.0/10",), batched)
 
     async def scenario() -> tuple[bytes | None, dns.message.Message]:
         await server.start()
@@ -109,7 +119,8 @@ def test_clients_outside_the_allow_list_get_silence_or_refused(tmp_path: Path, r
     assert server.policy.refused == 2
 
 
-def test_in_flight_cap_sheds_load_with_servfail(tmp_path: Path) -> None:
+@LISTENERS
+def test_in_flight_cap_sheds_load_with_servfail(tmp_path: Path, batched: bool) -> None:
     with fake_upstream() as fake:
         fake.default, fake.delay = "delay", 1.0
         rules = f"""
@@ -121,7 +132,7 @@ def test_in_flight_cap_sheds_load_with_servfail(tmp_path: Path) -> None:
         config = config_from(tmp_path, rules)
         handler = QueryHandler(config.pipeline())
         policy = EdgePolicy(max_inflight=5)
-        server = DnsServer(handler, [ListenAddress("127.0.0.1", 0)], TcpLimits(), policy)
+        server = DnsServer(handler, [ListenAddress("127.0.0.1", 0)], TcpLimits(), policy, batched=batched)
 
         async def scenario() -> list[bytes | None]:
             await config.pipeline().start()

@@ -15,13 +15,15 @@ import contextlib
 import logging
 import socket
 from collections.abc import Sequence
+from typing import cast
 
 from horizon_dns.config.model import ListenAddress
 from horizon_dns.core.access import Acl, EdgePolicy
 from horizon_dns.core.handler import QueryHandler
 from horizon_dns.errors import Error
+from horizon_dns.net import mmsg
 from horizon_dns.net.tcp import TcpConnection, TcpConnections, TcpLimits
-from horizon_dns.net.udp import InFlight, UdpListener
+from horizon_dns.net.udp import BatchedUdpListener, InFlight, UdpListener
 
 log = logging.getLogger("horizon_dns.net.server")
 
@@ -60,15 +62,18 @@ class DnsServer:
         tcp_limits: TcpLimits | None = None,
         policy: EdgePolicy | None = None,
         reuse_port: bool = False,
+        batched: bool | None = None,
     ) -> None:
         self.handler = handler
         self.reuse_port = reuse_port
+        #: UDP through recvmmsg/sendmmsg where the platform has them (None: where available).
+        self.batched = mmsg.available() if batched is None else batched
         self.listen = list(listen)
         self.inflight = InFlight()
         self.policy = policy or EdgePolicy()
         self.connections = TcpConnections(tcp_limits or TcpLimits(), self.policy)
         self.acls: list[Acl] = []
-        self.udp: list[tuple[asyncio.DatagramTransport, UdpListener]] = []
+        self.udp: list[tuple[asyncio.BaseTransport, UdpListener]] = []
         self.tcp: list[asyncio.Server] = []
         self.bound: list[ListenAddress] = []
 
@@ -98,10 +103,14 @@ class DnsServer:
                 raise BindError(f"cannot listen on TCP {address}: {exc.strerror}") from exc
             break
         acl = Acl(address.allow)
-        transport, protocol = await loop.create_datagram_endpoint(
-            lambda: UdpListener(self.handler, self.inflight, acl, self.policy), sock=udp_sock
-        )
-        self.udp.append((transport, protocol))
+        if self.batched:
+            batched = BatchedUdpListener(self.handler, self.inflight, acl, self.policy)
+            self.udp.append((cast(asyncio.BaseTransport, batched.attach(udp_sock)), batched))
+        else:
+            transport, protocol = await loop.create_datagram_endpoint(
+                lambda: UdpListener(self.handler, self.inflight, acl, self.policy), sock=udp_sock
+            )
+            self.udp.append((transport, protocol))
         server = await loop.create_server(
             lambda: TcpConnection(self.handler, self.inflight, self.connections, acl),
             sock=tcp_sock,

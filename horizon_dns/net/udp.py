@@ -1,19 +1,28 @@
 """UDP listener: one datagram in, at most one datagram back to the sender.
 
-Contract: every datagram is handed to the sans-I/O handler in its own task; the
-reply goes back to the address it came from. The listener keeps no per-client
-state. ``InFlight`` tracks unfinished tasks so shutdown can wait for them.
+Contract: a datagram the hot path can answer is answered at once; every other
+one is handed to the sans-I/O handler in its own task; the reply goes back to
+the address it came from. The listener keeps no per-client state. ``InFlight``
+tracks unfinished tasks so shutdown can wait for them.
+
+``UdpListener`` is an asyncio protocol: one datagram per system call, on any
+platform. ``BatchedUdpListener`` is the same listener reading and writing
+through recvmmsg/sendmmsg (:mod:`horizon_dns.net.mmsg`): the datagrams that
+arrived together are screened and answered in one pass and their replies leave
+in one call.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import cast
+import socket
+from typing import Any, cast
 
 from horizon_dns.core.access import Acl, EdgePolicy
 from horizon_dns.core.handler import QueryHandler
 from horizon_dns.core.wire import REFUSED, SERVFAIL, short_reply
+from horizon_dns.net.mmsg import DatagramBatch, decode_address
 
 log = logging.getLogger("horizon_dns.net.udp")
 
@@ -107,6 +116,100 @@ class UdpListener(asyncio.DatagramProtocol):
     def error_received(self, exc: Exception) -> None:
         # ICMP port unreachable from a client that went away: nothing to do.
         log.debug("UDP error: %s", exc)
+
+
+Address = tuple[Any, ...]
+_ADDRESS_MEMO = 4096  # raw sockaddr -> tuple; stub resolvers reuse few source ports
+
+
+class _BatchTransport:
+    """The ``sendto`` a listener calls: queued into the batch while one is being
+    answered (the reply goes to the datagram's own sender), sent at once otherwise
+    (a reply from a task, after the batch it came in has gone)."""
+
+    def __init__(self, sock: socket.socket, batch: DatagramBatch) -> None:
+        self.sock = sock
+        self.batch = batch
+        self.current = -1  # the datagram being answered, or -1 outside a batch
+        self.closing = False
+
+    def sendto(self, data: bytes, addr: Address) -> None:
+        if self.current >= 0:
+            self.batch.queue(self.current, data)
+            return
+        try:
+            self.sock.sendto(data, addr)
+        except OSError as exc:  # a full buffer or an unroutable client: UDP drops it
+            log.debug("UDP reply to %s not sent: %s", addr[0], exc)
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+class BatchedUdpListener(UdpListener):
+    """``UdpListener`` fed by recvmmsg and answering through sendmmsg (Linux)."""
+
+    ROUNDS = 8  # batches per readiness event, so TCP and timers are not starved
+
+    def __init__(
+        self,
+        handler: QueryHandler,
+        inflight: InFlight,
+        acl: Acl | None = None,
+        policy: EdgePolicy | None = None,
+        slots: int = 64,
+    ) -> None:
+        super().__init__(handler, inflight, acl, policy)
+        self.slots = slots
+        self._addresses: dict[bytes, Address] = {}
+
+    def attach(self, sock: socket.socket) -> _BatchTransport:
+        """Start reading ``sock`` (non-blocking, bound) on the running loop."""
+        batch = DatagramBatch(sock, self.slots)
+        transport = _BatchTransport(sock, batch)
+        self.transport = cast(asyncio.DatagramTransport, transport)
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable, transport)
+        return transport
+
+    def _readable(self, transport: _BatchTransport) -> None:
+        batch = transport.batch
+        addresses = self._addresses
+        received = self.datagram_received
+        for _round in range(self.ROUNDS):
+            try:
+                count = batch.receive()
+            except OSError as exc:
+                log.debug("UDP receive error: %s", exc)
+                return
+            if not count:
+                return
+            try:
+                for i in range(count):
+                    data, name = batch.message(i)
+                    addr = addresses.get(name)
+                    if addr is None:
+                        try:
+                            addr = decode_address(name)
+                        except ValueError:
+                            continue
+                        if len(addresses) >= _ADDRESS_MEMO:
+                            addresses.clear()
+                        addresses[name] = addr
+                    transport.current = i
+                    received(data, addr)
+            finally:
+                transport.current = -1
+            batch.flush()
+            if count < batch.slots:
+                return  # drained: the next datagram wakes the loop again
 
 
 def _is_loopback(ip: str) -> bool:
