@@ -21,6 +21,7 @@ import dns.opcode
 import dns.query
 import dns.rcode
 import dns.rdatatype
+import dns.rrset
 import pytest
 from conftest import SEED_RULES, ServerProcess, require_tool, start_server
 from helpers import tcp_read
@@ -507,6 +508,7 @@ def _pipeline(count: int) -> dict[int, dns.message.Message]:
 
 def _read_replies(sock: socket.socket, queries: dict[int, dns.message.Message]) -> None:
     seen: set[int] = set()
+    first: dict[str, tuple[int, list[dns.rrset.RRset]]] = {}  # question -> the first rcode, answer
     for _ in range(len(queries)):
         reply = dns.message.from_wire(tcp_read(sock))
         assert reply.id in queries, f"unexpected ID {reply.id}"
@@ -514,23 +516,47 @@ def _read_replies(sock: socket.socket, queries: dict[int, dns.message.Message]) 
         seen.add(reply.id)
         assert queries[reply.id].is_response(reply)
         assert not reply.flags & dns.flags.TC
+        # Asked again, the same question gets the same answer (rrset equality ignores TTLs).
+        question = reply.question[0].to_text()
+        assert first.setdefault(question, (reply.rcode(), reply.answer)) == (reply.rcode(), reply.answer)
     assert seen == set(queries)
 
 
+@pytest.fixture(scope="module")
+def cached_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The seed's rules behind a cache: repeated names come from the hot path, in one write."""
+    rules = SEED_RULES.replace("    stages:\n", "    stages:\n      - cache: {}\n", 1)
+    assert "- cache: {}" in rules
+    server = start_server(tmp_path_factory.mktemp("cached"), rules)
+    try:
+        yield server
+    finally:
+        assert server.stop() == 0
+        log = server.log_text()
+        assert "Traceback" not in log, log
+
+
+SERVERS = pytest.mark.parametrize("kind", ["seed_server", "cached_server"], ids=["full-path", "hot-path"])
+
+
+@SERVERS
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("count", [20, 150])  # 150 > tcp.max_inflight (64): reading pauses and resumes
-def test_tcp_pipelining_one_write(seed_server: ServerProcess, family: str, count: int) -> None:
+def test_tcp_pipelining_one_write(request: pytest.FixtureRequest, kind: str, family: str, count: int) -> None:
+    server: ServerProcess = request.getfixturevalue(kind)
     queries = _pipeline(count)
-    with connect(*where(seed_server, family)) as sock:
+    with connect(*where(server, family)) as sock:
         sock.sendall(b"".join(framed(q.to_wire()) for q in queries.values()))
         _read_replies(sock, queries)
 
 
-def test_tcp_messages_split_across_segments(seed_server: ServerProcess) -> None:
+@SERVERS
+def test_tcp_messages_split_across_segments(request: pytest.FixtureRequest, kind: str) -> None:
     """Length prefixes and messages cut at arbitrary points still reassemble (RFC 7766 §8)."""
+    server: ServerProcess = request.getfixturevalue(kind)
     queries = _pipeline(12)
     blob = b"".join(framed(q.to_wire()) for q in queries.values())
-    with connect(seed_server.host, seed_server.port) as sock:
+    with connect(server.host, server.port) as sock:
         for start in range(0, len(blob), 7):
             sock.sendall(blob[start : start + 7])
         _read_replies(sock, queries)

@@ -97,7 +97,9 @@ class QueryHandler:
         # Query bytes after the ID -> (valid until, reply bytes after the ID): the same
         # question with the same flags and EDNS gets the same bytes for up to a second
         # (TTLs then age by at most 1 s). One dict lookup instead of a scan.
+        # Kept apart per transport: a UDP reply may be truncated where a TCP one is not.
         self._memo: dict[bytes, tuple[float, bytes]] = {}
+        self._memo_tcp: dict[bytes, tuple[float, bytes]] = {}
         self._pipeline = pipeline
         self.udp_payload = udp_payload
         #: RFC 5001: what `dig +nsid` is told; the node's name, so it says which node answered.
@@ -124,18 +126,20 @@ class QueryHandler:
         """A reload: remembered replies belong to the old configuration."""
         self._pipeline = pipeline
         self._memo = {}
+        self._memo_tcp = {}
 
     def fast_answer(self, data: bytes, tcp: bool = False) -> bytes | None:
         """The reply from a leading cache's fresh entry, or None to take the full path."""
         if not self.fast_enabled:
             return None
+        memo = self._memo_tcp if tcp else self._memo
         tail = data[2:]
-        remembered = self._memo.get(tail)
+        remembered = memo.get(tail)
         if remembered is not None:
             if remembered[0] > monotonic():
                 self.fast_hits += 1
                 return data[:2] + remembered[1]
-            del self._memo[tail]
+            del memo[tail]
         size = len(data)
         if size < 17:
             return None
@@ -187,11 +191,9 @@ class QueryHandler:
         reply = serve(
             msg_id, flags, data[12:question_end], packed, opt, limit, zone.recursion_available, body
         )
-        if not tcp:
-            memo = self._memo
-            if len(memo) >= MEMO_SIZE:
-                memo.clear()
-            memo[tail] = (min(monotonic() + 1.0, expires), reply[2:])
+        if len(memo) >= MEMO_SIZE:
+            memo.clear()
+        memo[tail] = (min(monotonic() + 1.0, expires), reply[2:])
         return reply
 
     async def handle(self, data: bytes, client: tuple[str, int] | None, transport: str) -> bytes | None:
