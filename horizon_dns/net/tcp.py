@@ -1,7 +1,8 @@
 """TCP listener: length-prefixed messages, pipelined (RFC 7766 §6.2.1.1, §8).
 
-Contract: each message of a connection is handled in its own task and answered
-as soon as it completes, in any order (clients match by ID). A connection
+Contract: each message of a connection is answered as soon as it completes, in
+any order (clients match by ID): at once when it needs no I/O, else from its own
+task. A connection
 closes after ``idle_timeout`` seconds with nothing to read or send
 (RFC 7766 §6.2.3) -- a slowloris holds a connection no longer than that.
 Reading pauses while ``max_inflight`` queries of one connection are unanswered.
@@ -22,6 +23,7 @@ from typing import cast
 from horizon_dns.core.access import Acl, EdgePolicy
 from horizon_dns.core.handler import QueryHandler
 from horizon_dns.core.wire import REFUSED, short_reply
+from horizon_dns.net.eager import start_eagerly
 from horizon_dns.net.udp import InFlight
 
 log = logging.getLogger("horizon_dns.net.tcp")
@@ -70,6 +72,7 @@ class TcpConnection(asyncio.Protocol):
         self.closing = False
         self.idle: asyncio.TimerHandle | None = None
         self.last_active = 0.0
+        self._out: list[bytes] | None = None  # replies gathered for one write, inside data_received
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio's, so no isinstance check.
@@ -166,7 +169,11 @@ class TcpConnection(asyncio.Protocol):
                 out.append(_LENGTH.pack(len(reply)) + reply)
                 continue
             self.pending += 1
-            self.inflight.add(asyncio.get_running_loop().create_task(self._answer(message)))
+            self._out = out  # a reply the pipeline gives without waiting joins this write
+            task = start_eagerly(self._answer(message))
+            self._out = None
+            if task is not None:
+                self.inflight.add(task)
         if offset < end:
             self.buffer = bytearray(data[offset:])
         elif buffer:
@@ -185,7 +192,10 @@ class TcpConnection(asyncio.Protocol):
             reply = await self.handler.handle(message, self.peer, "tcp")
             transport = self.transport
             if reply is not None and transport is not None and not transport.is_closing():
-                transport.write(_LENGTH.pack(len(reply)) + reply)
+                if self._out is not None:
+                    self._out.append(_LENGTH.pack(len(reply)) + reply)
+                else:
+                    transport.write(_LENGTH.pack(len(reply)) + reply)
         finally:
             self.pending -= 1
             self._after_reply()

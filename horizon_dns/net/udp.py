@@ -1,9 +1,10 @@
 """UDP listener: one datagram in, at most one datagram back to the sender.
 
 Contract: a datagram the hot path can answer is answered at once; every other
-one is handed to the sans-I/O handler in its own task; the reply goes back to
-the address it came from. The listener keeps no per-client state. ``InFlight``
-tracks unfinished tasks so shutdown can wait for them.
+one goes to the sans-I/O handler, started at once and carried on in a task only
+if it has to wait for I/O; the reply goes back to the address it came from.
+The listener keeps no per-client state. ``InFlight`` tracks unfinished tasks so
+shutdown can wait for them.
 
 ``UdpListener`` is an asyncio protocol: one datagram per system call, on any
 platform. ``BatchedUdpListener`` is the same listener reading and writing
@@ -22,6 +23,7 @@ from typing import Any, cast
 from horizon_dns.core.access import Acl, EdgePolicy
 from horizon_dns.core.handler import QueryHandler
 from horizon_dns.core.wire import REFUSED, SERVFAIL, short_reply
+from horizon_dns.net.eager import start_eagerly
 from horizon_dns.net.mmsg import DatagramBatch, decode_address
 
 log = logging.getLogger("horizon_dns.net.udp")
@@ -105,7 +107,10 @@ class UdpListener(asyncio.DatagramProtocol):
             if overload is not None:
                 transport.sendto(overload, addr)
             return
-        self.inflight.add(asyncio.get_running_loop().create_task(self._answer(data, addr)))
+        # Answered here when the pipeline needs no I/O; a task only if it must wait.
+        task = start_eagerly(self._answer(data, addr))
+        if task is not None:
+            self.inflight.add(task)
 
     async def _answer(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         reply = await self.handler.handle(data, (str(addr[0]), int(addr[1])), "udp")
