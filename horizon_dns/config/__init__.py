@@ -1,5 +1,5 @@
-"""Configuration: strict YAML in, built zones and stages out."""
+"""Configuration: strict YAML in, built zones and stages out.
 
-from horizon_dns.config.model import Config, ListenAddress, describe, load_config
-
-__all__ = ["Config", "ListenAddress", "describe", "load_config"]
+The loader is :mod:`horizon_dns.config.model`; nothing is imported here, so a
+stage module can be imported on its own (``config.model`` imports the stages).
+"""

@@ -43,7 +43,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jinja2
@@ -54,11 +54,14 @@ from dnslib import CLASS, QTYPE, RCODE, RR, DNSBuffer, DNSLabel
 from yaml.nodes import Node
 
 from horizon_dns.config.source import Section, Where, as_bool, as_str, int_range, item_node
+from horizon_dns.core.encode import pack_reply
 from horizon_dns.core.message import Outcome, Query, Reply
+from horizon_dns.core.packed import Packed
 from horizon_dns.core.pipeline import EDE_OTHER
 from horizon_dns.core.stage import Next
 from horizon_dns.core.wire import NOERROR, NXDOMAIN, SERVFAIL
 from horizon_dns.stages.context import BuildContext
+from horizon_dns.stages.template_fast import Renderer, compile_simple
 
 log = logging.getLogger("horizon_dns.stages.template")
 
@@ -88,6 +91,8 @@ def make_environment(aliases: dict[str, str]) -> jinja2.Environment:
 class _Lines:
     sources: list[str]
     templates: list[jinja2.Template]
+    #: Per template, its plain-Python renderer when it is simple enough (template_fast).
+    fast: list[Renderer | None] = field(default_factory=list)
 
 
 class TemplateStage:
@@ -136,6 +141,12 @@ class TemplateStage:
         )
         self.bad_records = 0
         self._rr_cache: dict[str, list[RR]] = {}
+        self._packed_cache: dict[tuple[bytes | str, ...], Packed] = {}
+        # Every line renders without Jinja: the variables dict is never needed.
+        self.all_fast = all(
+            len(lines.fast) == len(lines.templates) and all(f is not None for f in lines.fast)
+            for lines in (answer, additional, authority)
+        )
 
     async def start(self) -> None:
         return None
@@ -173,7 +184,8 @@ class TemplateStage:
                 return await next(query)
             query.note("  no regex matched, fallthrough off -> SERVFAIL")
             return Reply(SERVFAIL, self.name, Outcome.FAILED, f"{self.name}:no-match")
-        query.note(f"  matched {found.re.pattern!r} groups {found.groupdict()}")
+        if query.trace is not None:
+            query.note(f"  matched {found.re.pattern!r} groups {found.groupdict()}")
         return self.render_reply(query, found)
 
     def _when(self, query: Query, found: re.Match[str]) -> bool:
@@ -199,11 +211,14 @@ class TemplateStage:
         }
 
     def render_reply(self, query: Query, found: re.Match[str]) -> Reply:
-        variables = self.variables(query, found)
+        variables = None if self.all_fast else self.variables(query, found)
+        texts: list[str] = []  # every rendered line, sections apart: what the reply's bytes follow from
         try:
-            answer = self._render(self.answer, variables, query)
-            additional = self._render(self.additional, variables, query)
-            authority = self._render(self.authority, variables, query)
+            answer = self._render(self.answer, variables, query, found, texts)
+            texts.append("\x00")
+            additional = self._render(self.additional, variables, query, found, texts)
+            texts.append("\x00")
+            authority = self._render(self.authority, variables, query, found, texts)
         except _BadRecord as exc:
             self.bad_records += 1
             log.warning("%s: %s", self.name, exc)
@@ -224,7 +239,7 @@ class TemplateStage:
             outcome = Outcome.NXDOMAIN
         else:
             outcome = Outcome.REFUSED if rcode == 5 else Outcome.OTHER
-        return Reply(
+        reply = Reply(
             rcode,
             self.name,
             outcome,
@@ -235,15 +250,39 @@ class TemplateStage:
             authoritative=True,
             cacheable=not self.uses_client,
         )
+        # The records as wire bytes, remembered per name and rendered records: the
+        # same name rendering the same lines packs to the same bytes (RFC 1035
+        # §4.1.4 pointers into the question depend only on the name, not its case).
+        key: tuple[bytes | str, ...] = (query.qname_wire.lower(), *texts)
+        packed = self._packed_cache.get(key)
+        if packed is None:
+            if len(self._packed_cache) >= _RR_CACHE_SIZE:
+                self._packed_cache.clear()
+            packed = self._packed_cache[key] = pack_reply(query, reply)
+        reply.packed = packed
+        return reply
 
-    def _render(self, lines: _Lines, variables: dict[str, Any], query: Query) -> list[RR]:
+    def _render(
+        self,
+        lines: _Lines,
+        variables: dict[str, Any] | None,
+        query: Query,
+        found: re.Match[str],
+        texts: list[str],
+    ) -> list[RR]:
         records: list[RR] = []
-        for source, template in zip(lines.sources, lines.templates, strict=True):
+        for source, template, fast in zip(lines.sources, lines.templates, lines.fast, strict=True):
             try:
-                text = template.render(variables)
+                if fast is not None:
+                    text = fast(query, found, self.zone)
+                else:
+                    assert variables is not None
+                    text = template.render(variables)
             except Exception as exc:  # templates call methods: any exception may surface
                 raise _BadRecord(f"template {source!r} failed: {type(exc).__name__}: {exc}") from None
-            query.note(f"  rendered {text!r}")
+            texts.append(text)
+            if query.trace is not None:
+                query.note(f"  rendered {text!r}")
             if "\\" in query.name:
                 records.extend(self._parse_escaped_owner(text, query))
             else:
@@ -364,6 +403,7 @@ def _compile_lines(
     where = section.where.child(key)
     node = section.node_of(key)
     templates: list[jinja2.Template] = []
+    fast: list[Renderer | None] = []
     for i, source in enumerate(sources):
         item_where = where.child(i)
         try:
@@ -376,9 +416,10 @@ def _compile_lines(
         if not _check_references(ast, item_where, item_node(node, i), groups, ngroups):
             continue
         templates.append(env.from_string(source))
+        fast.append(compile_simple(ast, env))
     if len(templates) != len(sources):
         return _Lines([], [])
-    return _Lines(sources, templates)
+    return _Lines(sources, templates, fast)
 
 
 def _check_references(
