@@ -828,7 +828,11 @@ def run(args: argparse.Namespace) -> int:
         for server in servers.values():
             server.idle_rss_kib = proc_status_kib(server.pid, "VmRSS")
 
+        chosen = set(args.scenarios or [sc.key for sc in SCENARIOS])
+        chosen |= {sc.references for sc in SCENARIOS if sc.key in chosen}  # the cells ratios need
         for scenario in SCENARIOS:
+            if scenario.key not in chosen:
+                continue
             for key in scenario.servers:
                 cell = Cell(scenario.key, servers[key], queries[scenario.queries], scenario.tcp)
                 cells[cell.name] = cell
@@ -936,7 +940,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md", help="markdown report path")
     parser.add_argument("--skip-memory", action="store_true", help="skip the 100k-name memory test")
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
+    parser.add_argument(
+        "--scenarios",
+        type=lambda text: text.split(","),
+        help=f"comma-separated subset of {','.join(sc.key for sc in SCENARIOS)} (and the cells their "
+        "ratios need); default all",
+    )
     args = parser.parse_args(argv)
+    unknown = set(args.scenarios or []) - {sc.key for sc in SCENARIOS}
+    if unknown:
+        parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
     if args.quick:
         args.rounds, args.seconds = 1, 2
     if args.rounds < 1 or not 0.5 <= args.seconds <= 60:

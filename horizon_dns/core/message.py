@@ -143,7 +143,8 @@ class Reply:
     authoritative: bool = False
     # RFC 8914 Extended DNS Error: (info-code, extra text).
     ede: tuple[int, str] | None = None
-    # The whole reply as bytes (forwarded or cached); then the record lists are unused.
+    # The whole reply as bytes: forwarded or cached (the record lists stay empty), or
+    # a template's records packed once (the lists hold the same records, for chasing).
     packed: Packed | None = None
     # False when the answer depends on who asked (e.g. a template using `client`).
     cacheable: bool = True

@@ -9,20 +9,24 @@ MAX_LABEL = 63  # RFC 1035 §2.3.4
 _SPECIAL = b'.\\"();@$'
 # Labels that need no escaping: the overwhelming majority, converted without a loop.
 _PLAIN = re.compile(rb"[A-Za-z0-9_\-*/+=:#%&!?,<>\[\]^`{|}~']+")
+_PLAIN_NAME = re.compile(rb"[A-Za-z0-9_\-*/+=:#%&!?,<>\[\]^`{|}~'.]+")
 
 
 def name_to_text(wire: bytes) -> str:
     """Presentation form of a wire name, with trailing dot (RFC 1035 §5.1 escapes)."""
     if wire == b"\x00":
         return "."
-    parts: list[str] = []
+    labels: list[bytes] = []
     offset = 0
-    while True:
-        length = wire[offset]
-        if length == 0:
-            break
-        label = wire[offset + 1 : offset + 1 + length]
+    while length := wire[offset]:
+        labels.append(wire[offset + 1 : offset + 1 + length])
         offset += 1 + length
+    joined = b".".join(labels)
+    # The common case in one test: no label needs an escape (and none holds a dot).
+    if _PLAIN_NAME.fullmatch(joined) and joined.count(b".") == len(labels) - 1:
+        return joined.decode("ascii") + "."
+    parts: list[str] = []
+    for label in labels:
         if _PLAIN.fullmatch(label) or all(0x21 <= b <= 0x7E and b not in _SPECIAL for b in label):
             parts.append(label.decode("ascii"))
         else:

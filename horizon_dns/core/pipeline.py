@@ -35,7 +35,8 @@ from horizon_dns.core.stats import Histogram
 from horizon_dns.core.wire import NOERROR, NXDOMAIN, REFUSED, SERVFAIL
 
 MAX_CNAME_DEPTH = 8
-_NO_CHASE = frozenset({QTYPE.CNAME, QTYPE.ANY})
+TYPE_CNAME = 5  # RFC 1035 §3.2.2; a plain int: dnslib's QTYPE.CNAME is a slow lookup per use
+_NO_CHASE = frozenset({TYPE_CNAME, QTYPE.ANY})
 _ZONE_TRANSFERS = frozenset({251, 252})  # IXFR, AXFR: our zones are synthesized, nothing to transfer
 
 RCODE_NAMES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
@@ -243,11 +244,12 @@ class Pipeline:
         qtype = query.qtype
         answer, authority, additional = reply.answer, reply.authority, reply.additional
         if reply.packed is not None:
-            if QTYPE.CNAME not in reply.packed.answer_types():
+            if TYPE_CNAME not in reply.packed.answer_types():
                 return reply  # nothing to chase: no need to decode the bytes
-            # Forwarded or cached: the records are bytes; decode them to follow the chain.
-            answer, authority, additional = unpack_records(query.question, reply.packed)
-        if not answer or not any(rr.rtype == QTYPE.CNAME for rr in answer):
+            if not answer:
+                # Forwarded or cached: the records are bytes; decode them to follow the chain.
+                answer, authority, additional = unpack_records(query.question, reply.packed)
+        if not answer or not any(rr.rtype == TYPE_CNAME for rr in answer):
             return reply
         original_count = len(answer)
         answer = list(answer)
@@ -329,7 +331,7 @@ def _wire(label: Any) -> bytes:
 
 def _cname_target(answer: list[RR], owner: bytes) -> bytes | None:
     for rr in answer:
-        if rr.rtype == QTYPE.CNAME and _wire(rr.rname) == owner:
+        if rr.rtype == TYPE_CNAME and _wire(rr.rname) == owner:
             return _wire(rr.rdata.label)
     return None
 
