@@ -679,10 +679,10 @@ def memory_section(mem: Memory) -> str:
         f"| peak (VmHWM) | {mib(mem.hwm_kib)} |",
         "",
         f"Growth for {mem.count:,} cached names: {grown / 1024:.1f} MiB, about "
-        f"{grown * 1024 / mem.count:.0f} bytes per cached name (entry, key, packed reply, LRU links, "
-        "allocator slack).",
+        f"{grown * 1024 / mem.count:.0f} bytes per cached name (key, entry, its bytes, dict slot, "
+        "the 1-second reply memo, allocator slack).",
         "",
-        "- first pass (every name a miss: task, template render, dnslib record parse, store): "
+        "- first pass (every name a miss: template render, dnslib parse of the new text, pack, store): "
         + run_text(mem.first),
         f"- second pass (every name a hot-path hit): {run_text(mem.second)}",
         "",

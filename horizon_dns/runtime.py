@@ -80,8 +80,7 @@ def carry_caches(old: Pipeline, new: Pipeline) -> int:
                 continue
             previous = before.stages[index]
             if isinstance(previous, CacheStage) and previous.settings() == stage.settings():
-                stage.entries = previous.entries
-                carried += len(stage.entries)
+                carried += stage.adopt(previous)
     return carried
 
 

@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 from horizon_dns.core.encode import TCP_LIMIT, encode_reply
 from horizon_dns.core.handler import QueryHandler
 from horizon_dns.core.message import Edns, Outcome, Query, Reply
-from horizon_dns.core.names import text_to_name
+from horizon_dns.core.names import name_to_text, text_to_name
 from horizon_dns.core.wire import NOERROR, NXDOMAIN, SERVFAIL
-from horizon_dns.stages.cache import EDE_STALE_ANSWER, STALE_TTL, CacheStage
+from horizon_dns.stages.cache import EDE_STALE_ANSWER, STALE_TTL, CacheStage, query_key
 
 
 class Clock:
@@ -89,8 +89,8 @@ def test_ttl_is_clamped() -> None:
     run(cache, make_query("a.test."), Next(answer("192.0.2.1", ttl=5)))
     run(cache, make_query("b.test."), Next(answer("192.0.2.1", ttl=5000, name="b.test.")))
     key_a, key_b = list(cache.entries)
-    assert cache.entries[key_a].expires - clock.now == 30
-    assert cache.entries[key_b].expires - clock.now == 100
+    assert cache.lifetime(cache.entries[key_a]) == (clock.now, clock.now + 30)
+    assert cache.lifetime(cache.entries[key_b]) == (clock.now, clock.now + 100)
 
 
 @pytest.mark.parametrize("rcode", [NXDOMAIN, NOERROR])
@@ -175,20 +175,47 @@ def test_concurrent_identical_misses_coalesce() -> None:
     size=st.integers(1, 8),
     names=st.lists(st.sampled_from([f"n{i}.test." for i in range(12)]), min_size=1, max_size=60),
 )
-def test_lru_bound_and_order(size: int, names: list[str]) -> None:
+def test_bound_and_every_eviction_counted(size: int, names: list[str]) -> None:
     cache = CacheStage(clock=Clock(), max_entries=size)
     next_ = Next()
-    recent: list[str] = []
     for name in names:
         run(cache, make_query(name), next_)
-        if name in recent:
-            recent.remove(name)
-        recent.append(name)
-    assert len(cache.entries) == min(size, len(set(names)))
-    # The survivors are exactly the most recently used names.
-    kept = [bytes(key[:-5]) for key in cache.entries]
-    assert kept == [text_to_name(n) for n in recent[-size:]]
+        assert len(cache.entries) <= size
+        # What was just asked is kept: eviction never takes the newest entry.
+        assert cache.serve_fresh(query_key(make_query(name))) is not None
     assert cache.evictions == next_.calls - len(cache.entries)
+
+
+def _names(cache: CacheStage) -> list[str]:
+    return [name_to_text(key[:-5]) for key in cache.entries]
+
+
+def test_an_entry_used_since_the_last_sweep_gets_a_second_chance() -> None:
+    """CLOCK: the oldest unused entry goes first; a used one moves to the end, unmarked."""
+    cache = CacheStage(clock=Clock(), max_entries=3)
+    next_ = Next()
+    for name in ("a.test.", "b.test.", "c.test."):
+        run(cache, make_query(name), next_)
+    run(cache, make_query("a.test."), next_)  # a hit: a is used, b is now the oldest unused
+    run(cache, make_query("d.test."), next_)
+    assert [bytes(key[:-5]) for key in cache.entries] == [
+        text_to_name(n) for n in ("c.test.", "d.test.", "a.test.")
+    ]
+    run(cache, make_query("e.test."), next_)  # a's mark was spent: c (oldest, unused) goes
+    assert [bytes(key[:-5]) for key in cache.entries] == [
+        text_to_name(n) for n in ("d.test.", "a.test.", "e.test.")
+    ]
+    assert cache.evictions == 2 and next_.calls == 5
+
+
+def test_a_full_cache_evicts_in_sweeps_of_a_64th() -> None:
+    cache = CacheStage(clock=Clock(), max_entries=640)
+    next_ = Next()
+    for i in range(641):
+        run(cache, make_query(f"n{i}.test."), next_)
+    assert len(cache.entries) == 630 and cache.evictions == 11
+    assert query_key(make_query("n0.test.")) not in cache.entries  # the oldest went first
+    assert query_key(make_query("n11.test.")) in cache.entries
 
 
 @settings(max_examples=200, deadline=None)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -180,11 +181,13 @@ def run_story(the_lab: Lab, laptop: LabServer, label: str) -> None:
     answer = resolve(the_lab, "something.example")
     assert answer.records == ["A 198.51.100.77"], answer
     times["something.example"] = answer.ms
-    explained = the_lab.exec(
-        "a", "env", f"PYTHONPATH={ROOT}", "python3", "-m", "horizon_dns", "explain", "--config",
+    run = the_lab.exec(
+        "a", "env", f"PYTHONPATH={ROOT}", sys.executable, "-m", "horizon_dns", "explain", "--config",
         str(laptop.log.parent / "horizon.yaml"), "www.nodeb.mydomain.tld", timeout=30,
-    ).stdout  # fmt: skip
-    assert "stage template:service-cname" in explained and "chase CNAME -> nodeb.mydomain.tld." in explained
+    )  # fmt: skip
+    explained = run.stdout
+    assert "stage template:service-cname" in explained, (run.returncode, run.stderr[-3000:])
+    assert "chase CNAME -> nodeb.mydomain.tld." in explained
     assert "IPv4 of nodeb: ['100.64.0.2'] by" in explained, explained
 
     # 5a. The laptop leaves the overlay: public answers within the windows, no long waits.

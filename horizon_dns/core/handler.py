@@ -76,7 +76,7 @@ COUNTED_TYPES = frozenset(
     }
 )
 NSID_OPTION = 3  # RFC 5001
-MEMO_SIZE = 10_000  # the hot set; beyond it the cache's own path is fast enough
+MEMO_SIZE = 4096  # the hot set; beyond it the cache's own path (~3 µs more) serves
 
 
 def has_option(options: bytes, code: int) -> bool:

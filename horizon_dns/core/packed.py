@@ -21,7 +21,7 @@ Contract:
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from dnslib import RR, DNSBuffer, DNSRecord
 
@@ -55,7 +55,11 @@ TCP_LIMIT = 65535
 
 @dataclass(slots=True, frozen=True)
 class Packed:
-    """A reply's record sections as bytes, servable to any client with the same question."""
+    """A reply's record sections as bytes, servable to any client with the same question.
+
+    TTLs are read from ``body`` at ``ttl_offsets``; everything but the body is the
+    reply's *shape*, which many cached replies share (``with_body``).
+    """
 
     body: bytes
     question_len: int  # length of the question section the body was packed behind
@@ -64,17 +68,27 @@ class Packed:
     arcount: int  # without OPT
     rcode: int  # 12-bit (RFC 6891 §6.1.3)
     flags: int  # AA and AD as received/decided
-    ttls: tuple[tuple[int, int], ...]  # (offset in body, TTL) of every record
+    ttl_offsets: tuple[int, ...]  # where in body every record's TTL sits
     ede: tuple[int, str] | None = None
+
+    @property
+    def ttls(self) -> tuple[tuple[int, int], ...]:
+        """(offset in body, TTL) of every record."""
+        body = self.body
+        return tuple((off, _TTL.unpack_from(body, off)[0]) for off in self.ttl_offsets)
 
     @property
     def min_ttl(self) -> int | None:
         return min((ttl for _off, ttl in self.ttls), default=None)
 
+    def with_body(self, body: bytes) -> Packed:
+        """The same shape around another body (aged TTLs, or a cache entry's own bytes)."""
+        return replace(self, body=body)
+
     def answer_types(self) -> list[int]:
         """Record types of the answer section, read from the bytes (TYPE sits 4 bytes before TTL)."""
         body = self.body
-        return [int.from_bytes(body[off - 4 : off - 2], "big") for off, _ttl in self.ttls[: self.ancount]]
+        return [int.from_bytes(body[off - 4 : off - 2], "big") for off in self.ttl_offsets[: self.ancount]]
 
     def negative_ttl(self) -> int | None:
         """RFC 2308 §5: min(SOA TTL, SOA MINIMUM) of the SOA in authority, if any."""
@@ -166,7 +180,7 @@ def from_message(
         arcount=counts[2],
         rcode=rcode,
         flags=flags & (AA | AD),
-        ttls=tuple((off - base, ttl) for off, ttl in ttls),
+        ttl_offsets=tuple(off - base for off, _ttl in ttls),
         ede=ede,
     )
 
@@ -239,13 +253,16 @@ def response_flags(query_flags: int, packed_flags: int, rcode: int, recursion_av
 
 def aged_body(packed: Packed, age: int, stale_ttl: int | None = None) -> bytes:
     """The body with every TTL lowered by ``age`` (floor 0), or set to ``stale_ttl``."""
+    body = packed.body
     if not age and stale_ttl is None:
-        return packed.body
-    body = bytearray(packed.body)
+        return body
+    aged = bytearray(body)
     pack_into = _TTL.pack_into
-    for offset, ttl in packed.ttls:
-        pack_into(body, offset, stale_ttl if stale_ttl is not None else max(ttl - age, 0))
-    return bytes(body)
+    unpack_from = _TTL.unpack_from
+    for offset in packed.ttl_offsets:
+        ttl = stale_ttl if stale_ttl is not None else max(unpack_from(body, offset)[0] - age, 0)
+        pack_into(aged, offset, ttl)
+    return bytes(aged)
 
 
 def serve(

@@ -3,7 +3,7 @@
 YAML::
 
     - cache:
-        max_entries: 10000        # LRU beyond this
+        max_entries: 10000        # beyond this the least recently used go (CLOCK)
         min_ttl: 0                # clamp of positive TTLs (seconds)
         max_ttl: 86400
         max_negative_ttl: 3600    # NXDOMAIN/NODATA, from the SOA (RFC 2308 §5)
@@ -25,10 +25,11 @@ Extended DNS Error 3, "Stale Answer" (RFC 8767 §4, RFC 8914 §4.4).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from horizon_dns.config.source import Section, as_bool, int_range
 from horizon_dns.core.encode import pack_reply
@@ -43,12 +44,37 @@ EDE_STALE_ANSWER = 3  # RFC 8914 §4.4
 _TAIL = struct.Struct("!HHB")
 
 
-@dataclass(slots=True)
+# Stored and expires, in tenths of a second since the cache's epoch: 8 bytes an entry
+# where two floats take 16 (and 48 as objects); 2**32 tenths are 13 years.
+_TIMES = struct.Struct("=II")
+_TICKS = 10
+_SHAPES_MAX = 4096
+
+
 class Entry:
-    packed: Packed
-    stored: float
-    expires: float
-    outcome: Outcome
+    """One cached reply in ~130 bytes: a shared shape (the reply's form and outcome),
+    one bytes object holding when it was stored, when it expires (ticks of the
+    cache's clock) and the record bytes, and whether it was used since the
+    eviction sweep last passed it.
+
+    Per entry, separate floats, a Packed and its TTL tuples cost ~400 bytes more
+    (bench/RESULTS.md, memory); 100k entries must fit in tens of MiB.
+    """
+
+    __slots__ = ("blob", "shape", "used")
+
+    def __init__(self, shape: tuple[Packed, Outcome], blob: bytes) -> None:
+        self.shape = shape  # shared by entries of the same form; its Packed has no body
+        self.blob = blob
+        self.used = False
+
+    @property
+    def outcome(self) -> Outcome:
+        return self.shape[1]
+
+    @property
+    def packed(self) -> Packed:
+        return self.shape[0].with_body(self.blob[_TIMES.size :])
 
 
 def cache_key(qname_wire: bytes, qtype: int, qclass: int, do: bool, cd: bool) -> bytes:
@@ -62,7 +88,7 @@ def query_key(query: Query) -> bytes:
 
 
 class CacheStage:
-    """An LRU of packed replies in front of the stages that follow it."""
+    """Packed replies in front of the stages that follow it, least recently used out first."""
 
     recurses = False
 
@@ -85,10 +111,15 @@ class CacheStage:
         self.serve_stale = serve_stale
         self.max_stale = max_stale
         self.clock = clock
-        # A plain dict keeps insertion order: touching an entry re-inserts it at the end,
-        # eviction takes the first. ~50 bytes an entry less than an OrderedDict.
+        self.epoch = clock()
+        # A plain dict in insertion order, evicted by CLOCK (second chance): a hit only
+        # marks the entry used; the sweep from the oldest end moves used entries to the
+        # end unmarked and drops the first unused ones. No dict write per hit (a dict
+        # re-inserted into on every hit doubles its table), ~50 bytes an entry less
+        # than an OrderedDict.
         self.entries: dict[bytes, Entry] = {}
         self.inflight: dict[bytes, asyncio.Future[Reply]] = {}
+        self._shapes: dict[tuple[Packed, Outcome], tuple[Packed, Outcome]] = {}
         self.hits = self.misses = self.evictions = self.stale_served = self.coalesced = 0
         # First in its zone: the zone stores final replies (chased, fallen back) via
         # store_final(), so the hot path can serve them whole; the chain stores nothing.
@@ -112,17 +143,20 @@ class CacheStage:
 
     def serve_fresh(self, key: bytes) -> tuple[Packed, bytes, float] | None:
         """A fresh entry's packed reply, its aged body and when it expires; None on a miss."""
-        entry = self.entries.get(key)
+        entries = self.entries
+        entry = entries.get(key)
         if entry is None:
             return None
         now = self.clock()
-        if now >= entry.expires:
+        blob = entry.blob
+        stored, expires = _TIMES.unpack_from(blob)
+        epoch = self.epoch
+        if now >= epoch + expires / _TICKS:
             return None
-        entries = self.entries
-        del entries[key]
-        entries[key] = entry
+        entry.used = True
         self.hits += 1
-        return entry.packed, aged_body(entry.packed, int(now - entry.stored)), entry.expires
+        packed = entry.shape[0].with_body(blob[_TIMES.size :])
+        return packed, aged_body(packed, int(now - epoch - stored / _TICKS)), epoch + expires / _TICKS
 
     # The stage ---------------------------------------------------------------
 
@@ -167,7 +201,7 @@ class CacheStage:
         entry = self.entries.get(key)
         if entry is None or not self.serve_stale:
             return None
-        if self.clock() > entry.expires + self.max_stale:
+        if self.clock() > self.lifetime(entry)[1] + self.max_stale:
             del self.entries[key]
             return None
         self.stale_served += 1
@@ -196,12 +230,32 @@ class CacheStage:
         if all(low <= ttl <= high for _off, ttl in packed.ttls):
             return packed
         body = bytearray(packed.body)
-        ttls = []
         for offset, ttl in packed.ttls:
-            ttl = max(low, min(ttl, high))
-            struct.pack_into("!I", body, offset, ttl)
-            ttls.append((offset, ttl))
-        return replace(packed, body=bytes(body), ttls=tuple(ttls))
+            struct.pack_into("!I", body, offset, max(low, min(ttl, high)))
+        return packed.with_body(bytes(body))
+
+    def _tick(self, moment: float) -> int:
+        return min(int((moment - self.epoch) * _TICKS), 2**32 - 1)
+
+    def lifetime(self, entry: Entry) -> tuple[float, float]:
+        """When ``entry`` was stored and when it expires, on the cache's clock."""
+        stored, expires = _TIMES.unpack_from(entry.blob)
+        return self.epoch + stored / _TICKS, self.epoch + expires / _TICKS
+
+    def adopt(self, previous: CacheStage) -> int:
+        """Take over ``previous``'s entries (a reload that left the cache as it was)."""
+        self.entries, self.epoch, self._shapes = previous.entries, previous.epoch, previous._shapes
+        return len(self.entries)
+
+    def _shape(self, packed: Packed, outcome: Outcome) -> tuple[Packed, Outcome]:
+        """``packed`` without its body, and the outcome: one object for all entries alike."""
+        shape = (packed.with_body(b""), outcome)
+        shared = self._shapes.get(shape)
+        if shared is None:
+            if len(self._shapes) >= _SHAPES_MAX:
+                self._shapes.clear()  # entries keep their own; only the sharing restarts
+            shared = self._shapes[shape] = shape
+        return shared
 
     def store_final(self, query: Query, reply: Reply) -> None:
         """Keep the zone's final reply to ``query`` (called by the zone when leading)."""
@@ -217,11 +271,31 @@ class CacheStage:
             return
         now = self.clock()
         entries = self.entries
-        entries.pop(key, None)  # re-inserted at the end: the most recently used
-        entries[key] = Entry(packed, now, now + ttl, reply.outcome)
-        while len(entries) > self.max_entries:
-            del entries[next(iter(entries))]
-            self.evictions += 1
+        entries.pop(key, None)  # re-inserted at the end: the most recently stored
+        times = _TIMES.pack(self._tick(now), self._tick(now + ttl))
+        entries[key] = Entry(self._shape(packed, reply.outcome), times + packed.body)
+        if len(entries) > self.max_entries:
+            self._evict(key)
+
+    def _evict(self, newest: bytes | None) -> None:
+        """Sweep from the oldest entry: used ones go to the end unmarked, unused ones go.
+
+        The entry just stored (``newest``) counts as used. Down to 1/64 below the
+        limit at once: finding the oldest entry of a dict skips every slot freed
+        before it, a cost paid once per sweep this way rather than per eviction.
+        """
+        entries = self.entries
+        target = self.max_entries - self.max_entries // 64
+        while len(entries) > target:
+            for key in list(itertools.islice(entries, len(entries) - target)):
+                entry = entries.pop(key)
+                if entry.used or key == newest:
+                    entry.used = False
+                    if key == newest:
+                        newest = None
+                    entries[key] = entry  # a second chance
+                else:
+                    self.evictions += 1
 
 
 def build(section: Section, ctx: BuildContext) -> CacheStage | None:

@@ -67,7 +67,7 @@ log = logging.getLogger("horizon_dns.stages.template")
 
 MAX_REGEX_LENGTH = 1024
 MAX_RENDERED = 16384
-_RR_CACHE_SIZE = 4096
+_RR_CACHE_SIZE = 2048  # rendered texts kept parsed and packed; bounds memory under a flood of names
 _VARIABLES = frozenset({"name", "zone", "type", "class", "group", "match", "client", "alias"})
 ANY = 255
 
