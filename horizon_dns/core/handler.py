@@ -193,7 +193,10 @@ class QueryHandler:
         )
         if len(memo) >= MEMO_SIZE:
             memo.clear()
-        memo[tail] = (min(monotonic() + 1.0, expires), reply[2:])
+        # Kept 0.5-1 s, spread by the key's hash: names first asked together must not
+        # all fall back to the slower path in the same millisecond, every second.
+        lifetime = 1.0 - (hash(tail) & 511) / 1024
+        memo[tail] = (min(monotonic() + lifetime, expires), reply[2:])
         return reply
 
     async def handle(self, data: bytes, client: tuple[str, int] | None, transport: str) -> bytes | None:

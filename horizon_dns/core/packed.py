@@ -251,9 +251,11 @@ def response_flags(query_flags: int, packed_flags: int, rcode: int, recursion_av
     return flags
 
 
-def aged_body(packed: Packed, age: int, stale_ttl: int | None = None) -> bytes:
-    """The body with every TTL lowered by ``age`` (floor 0), or set to ``stale_ttl``."""
-    body = packed.body
+def aged_body(packed: Packed, age: int, stale_ttl: int | None = None, body: bytes | None = None) -> bytes:
+    """The body (``packed``'s, or ``body`` of that shape) with every TTL lowered by
+    ``age`` (floor 0), or set to ``stale_ttl``."""
+    if body is None:
+        body = packed.body
     if not age and stale_ttl is None:
         return body
     aged = bytearray(body)

@@ -142,7 +142,8 @@ class CacheStage:
     # The synchronous hot path ------------------------------------------------
 
     def serve_fresh(self, key: bytes) -> tuple[Packed, bytes, float] | None:
-        """A fresh entry's packed reply, its aged body and when it expires; None on a miss."""
+        """A fresh entry's shape (a Packed without body), its aged body and when it
+        expires; None on a miss."""
         entries = self.entries
         entry = entries.get(key)
         if entry is None:
@@ -155,8 +156,10 @@ class CacheStage:
             return None
         entry.used = True
         self.hits += 1
-        packed = entry.shape[0].with_body(blob[_TIMES.size :])
-        return packed, aged_body(packed, int(now - epoch - stored / _TICKS)), epoch + expires / _TICKS
+        # The shape serves as the Packed: the hot path takes the body separately.
+        shape = entry.shape[0]
+        body = aged_body(shape, int(now - epoch - stored / _TICKS), body=blob[_TIMES.size :])
+        return shape, body, epoch + expires / _TICKS
 
     # The stage ---------------------------------------------------------------
 
