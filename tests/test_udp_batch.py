@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
 import struct
 from pathlib import Path
@@ -95,7 +96,9 @@ def test_decode_address_reads_sockaddr_in_and_in6(
             + packed
             + struct.pack("=I", scope_id)
         )
-        assert mmsg.decode_address(raw) == (str(address), port, flowinfo, scope_id)
+        host, *rest = mmsg.decode_address(raw)
+        # inet_ntop and ipaddress may spell an address differently (::ffff:0.0.0.0).
+        assert ipaddress.ip_address(host) == address and rest == [port, flowinfo, scope_id]
 
 
 def test_decode_address_rejects_other_families() -> None:
