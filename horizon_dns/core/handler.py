@@ -28,7 +28,7 @@ from horizon_dns.core.encode import (
     encode_reply,
     udp_limit,
 )
-from horizon_dns.core.message import Outcome, Query, Reply
+from horizon_dns.core.message import Outcome, Query, Reply, qtype_name
 from horizon_dns.core.packed import encode_opt, serve
 from horizon_dns.core.pipeline import EDE_OTHER, Pipeline
 from horizon_dns.core.stats import Histogram
@@ -75,6 +75,10 @@ COUNTED_TYPES = frozenset(
         "DNSKEY",
     }
 )
+#: Type code -> its label in the responses metric.
+_TYPE_LABELS = {
+    code: name for code, name in ((c, qtype_name(c)) for c in range(1, 260)) if name in COUNTED_TYPES
+}
 NSID_OPTION = 3  # RFC 5001
 MEMO_SIZE = 4096  # the hot set; beyond it the cache's own path (~3 µs more) serves
 
@@ -130,7 +134,7 @@ class QueryHandler:
 
     def fast_answer(self, data: bytes, tcp: bool = False) -> bytes | None:
         """The reply from a leading cache's fresh entry, or None to take the full path."""
-        if not self.fast_enabled:
+        if not self.fast_enabled or not self._pipeline.has_fast_path:
             return None
         memo = self._memo_tcp if tcp else self._memo
         tail = data[2:]
@@ -254,9 +258,9 @@ class QueryHandler:
                     ede=(EDE_OTHER, f"internal error: {type(exc).__name__}"),
                 )
                 recursion = False
-        self.replies[(reply.stage, reply.outcome.value, reply.reason)] += 1
-        type_name = query.type_name if query.type_name in COUNTED_TYPES else "other"
-        self.responses[(zone_name, query.transport, type_name, reply.rcode)] += 1
+        self.replies[(reply.stage, reply.outcome._value_, reply.reason)] += 1
+        type_label = _TYPE_LABELS.get(query.qtype, "other")
+        self.responses[(zone_name, query.transport, type_label, reply.rcode)] += 1
         elapsed = time.perf_counter() - started
         self.durations[zone_name].observe(elapsed)
         for observer in self.observers:

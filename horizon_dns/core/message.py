@@ -65,6 +65,10 @@ class Outcome(enum.Enum):
     OTHER = "other"
 
 
+#: Lowercased wire name -> presentation form: the same names are asked again and again.
+_NAMES: dict[bytes, str] = {}
+
+
 @dataclass(slots=True)
 class Query:
     """One question being resolved.
@@ -96,7 +100,13 @@ class Query:
     def name(self) -> str:
         """Lowercased presentation name with trailing dot."""
         if self._name is None:
-            self._name = name_to_text(self.qname_wire.lower())
+            lower = self.qname_wire.lower()
+            name = _NAMES.get(lower)
+            if name is None:
+                if len(_NAMES) >= 4096:
+                    _NAMES.clear()
+                name = _NAMES[lower] = name_to_text(lower)
+            self._name = name
         return self._name
 
     @property

@@ -85,10 +85,10 @@ class Packed:
         """The same shape around another body (aged TTLs, or a cache entry's own bytes)."""
         return replace(self, body=body)
 
-    def answer_types(self) -> list[int]:
-        """Record types of the answer section, read from the bytes (TYPE sits 4 bytes before TTL)."""
+    def answers_with_cname(self) -> bool:
+        """Whether the answer section holds a CNAME (RFC 1035 §3.2.2 type 5), from the bytes."""
         body = self.body
-        return [int.from_bytes(body[off - 4 : off - 2], "big") for off in self.ttl_offsets[: self.ancount]]
+        return any(body[off - 4 : off - 2] == b"\x00\x05" for off in self.ttl_offsets[: self.ancount])
 
     def negative_ttl(self) -> int | None:
         """RFC 2308 §5: min(SOA TTL, SOA MINIMUM) of the SOA in authority, if any."""
@@ -225,13 +225,27 @@ def _find_ede(options: bytes) -> tuple[int, str] | None:
     return None
 
 
+_OPTS: dict[tuple[int, int, bool, tuple[int, str] | None, bytes | None], bytes] = {}
+
+
 def encode_opt(
     payload: int, rcode: int, do: bool, ede: tuple[int, str] | None, nsid: bytes | None = None
 ) -> bytes:
     """Our OPT record (RFC 6891 §6.1.2): root owner, payload in CLASS, flags in TTL.
 
     Options: NSID (RFC 5001, code 3) when given, Extended DNS Error (RFC 8914) when set.
+    Remembered: a server sends the same few OPT records over and over.
     """
+    key = (payload, rcode, do, ede, nsid)
+    opt = _OPTS.get(key)
+    if opt is None:
+        if len(_OPTS) >= 1024:  # EDE texts may carry names: keep the table bounded
+            _OPTS.clear()
+        opt = _OPTS[key] = _build_opt(payload, rcode, do, ede, nsid)
+    return opt
+
+
+def _build_opt(payload: int, rcode: int, do: bool, ede: tuple[int, str] | None, nsid: bytes | None) -> bytes:
     options = b""
     if nsid:
         options += _NSID.to_bytes(2, "big") + len(nsid).to_bytes(2, "big") + nsid

@@ -166,6 +166,8 @@ class Pipeline:
             first = zone.stages[0] if zone.stages else None
             leading_cache = first if isinstance(first, FastCache) else None
             self.by_wire[text_to_name(name)] = (zone, leading_cache)
+        #: Some zone starts with a cache: only then can the hot path answer anything.
+        self.has_fast_path = any(cache is not None for _zone, cache in self.by_wire.values())
 
     def zone_for_wire(self, lower_wire: bytes) -> tuple[Zone, FastCache | None] | None:
         """The zone of a lowercased wire name, by longest suffix; no text conversion."""
@@ -244,7 +246,7 @@ class Pipeline:
         qtype = query.qtype
         answer, authority, additional = reply.answer, reply.authority, reply.additional
         if reply.packed is not None:
-            if TYPE_CNAME not in reply.packed.answer_types():
+            if not reply.packed.answers_with_cname():
                 return reply  # nothing to chase: no need to decode the bytes
             if not answer:
                 # Forwarded or cached: the records are bytes; decode them to follow the chain.

@@ -27,15 +27,14 @@ _EAGER_FACTORY = getattr(asyncio, "eager_task_factory", None) if sys.version_inf
 
 def start_eagerly(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
     """Run ``coro`` now; None when it finished, else the task that finishes it."""
-    loop = asyncio.get_running_loop()
     if _EAGER_FACTORY is not None:
-        task: asyncio.Task[None] = _EAGER_FACTORY(loop, coro)
+        task: asyncio.Task[None] = _EAGER_FACTORY(asyncio.get_running_loop(), coro)
         return None if task.done() else task
     try:
         yielded = coro.send(None)
     except StopIteration:
         return None
-    return loop.create_task(_carry_on(coro, _taken(yielded)))
+    return asyncio.get_running_loop().create_task(_carry_on(coro, _taken(yielded)))
 
 
 def _taken(yielded: Any) -> Any:

@@ -216,9 +216,15 @@ class TemplateStage:
         try:
             answer = self._render(self.answer, variables, query, found, texts)
             texts.append("\x00")
-            additional = self._render(self.additional, variables, query, found, texts)
+            additional = (
+                self._render(self.additional, variables, query, found, texts)
+                if self.additional.sources
+                else []
+            )
             texts.append("\x00")
-            authority = self._render(self.authority, variables, query, found, texts)
+            authority = (
+                self._render(self.authority, variables, query, found, texts) if self.authority.sources else []
+            )
         except _BadRecord as exc:
             self.bad_records += 1
             log.warning("%s: %s", self.name, exc)
