@@ -142,10 +142,10 @@ class DatagramBatch:
         self.dropped = 0  # replies the kernel would not take (socket buffer full)
 
     def receive(self) -> int:
-        """Read up to ``slots`` waiting datagrams; 0 when none (or on a socket error)."""
+        """Read up to ``slots`` waiting datagrams; 0 when none. Other errors raise OSError."""
         assert _libc is not None
-        # The kernel rewrites msg_namelen per datagram, and on one
-        # socket it is always the family's size, so it needs no reset between calls.
+        # The kernel rewrites msg_namelen per datagram; on one socket it is always the
+        # family's size, so it needs no reset between calls.
         count: int = _libc.recvmmsg(self.fd, self._head_address, self.slots, MSG_DONTWAIT, None)
         if count < 0:
             code = ctypes.get_errno()
