@@ -17,6 +17,7 @@ Series (all prefixed ``horizon_dns_``):
 ``stage_duration_seconds``             histogram by zone, stage (inclusive of later stages)
 ``malformed_total``                    kind: dropped, formerr, notimp
 ``refused_clients_total`` ``rate_limited_total`` ``overload_shed_total``
+``udp_replies_dropped_total``          replies the kernel refused (socket buffer full)
 ``tcp_connections`` / ``tcp_rejected_total``
 ``cache_hits_total`` ``cache_misses_total`` ``cache_entries`` ``cache_evictions_total``
 ``cache_stale_total`` ``cache_coalesced_total``  by zone, stage
@@ -65,6 +66,7 @@ class Sources:
     handler: QueryHandler
     tcp_connections: Callable[[], int] = lambda: 0
     tcp_rejected: Callable[[], int] = lambda: 0
+    udp_dropped: Callable[[], int] = lambda: 0
     llmnr: Any = None  # net.llmnr.LlmnrResponder
     policy: Any = None  # core.access.EdgePolicy
     reloads: dict[str, int] = field(default_factory=lambda: {"ok": 0, "error": 0})
@@ -136,6 +138,9 @@ class Collector(CollectorBase):
             yield CounterMetricFamily(
                 p + "overload_shed", "Queries answered SERVFAIL at the in-flight cap.", policy.overloaded
             )
+        yield CounterMetricFamily(
+            p + "udp_replies_dropped", "UDP replies the kernel would not take.", src.udp_dropped()
+        )
         yield GaugeMetricFamily(p + "tcp_connections", "Open TCP connections.", src.tcp_connections())
         yield CounterMetricFamily(
             p + "tcp_rejected", "TCP connections closed at the cap.", src.tcp_rejected()

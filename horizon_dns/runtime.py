@@ -117,6 +117,7 @@ class Runtime:
             self.handler,
             tcp_connections=lambda: len(self.server.connections.open),
             tcp_rejected=lambda: self.server.connections.rejected,
+            udp_dropped=self.server.udp_replies_dropped,
             llmnr=self.responder,
             policy=self.server.policy,
         )

@@ -74,6 +74,7 @@ def test_metrics_count_what_was_asked(tmp_path: Path) -> None:
         assert sample(text, "horizon_dns_request_duration_seconds_count", zone=zone) == 4
         assert sample(text, "horizon_dns_stage_duration_seconds_count", stage="template:service-cname") >= 4
         assert sample(text, "horizon_dns_ready") == 1
+        assert sample(text, "horizon_dns_udp_replies_dropped_total") == 0
         assert "example.org" not in text and "nodeb" not in text  # never labelled by query name
         assert get(port, "/health") == (200, "ok\n")
         assert get(port, "/ready") == (200, "ready\n")

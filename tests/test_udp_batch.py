@@ -73,6 +73,32 @@ def test_a_batch_reads_many_datagrams_and_replies_to_each_sender(family: int, ho
             sock.close()
 
 
+def test_a_reply_the_kernel_refuses_is_counted_and_the_rest_still_go() -> None:
+    server = _bound(socket.AF_INET, "127.0.0.1")
+    server.setblocking(False)
+    client = _bound(socket.AF_INET, "127.0.0.1")
+    client.settimeout(2)
+    try:
+        batch = mmsg.DatagramBatch(server, slots=4)
+        for payload in (b"first", b"second"):
+            client.sendto(payload, server.getsockname())
+        assert batch.receive() == 2
+        # Datagram 0's sender now reads as port 0: sendmmsg fails on that one (EINVAL).
+        struct.pack_into("!H", batch.headers, _name_offset(batch, 0) + 2, 0)
+        batch.queue(0, b"lost")
+        batch.queue(1, b"reply")
+        assert batch.flush() == 1 and batch.dropped == 1
+        assert client.recv(100) == b"reply"
+    finally:
+        server.close()
+        client.close()
+
+
+def _name_offset(batch: mmsg.DatagramBatch, i: int) -> int:
+    """Where datagram ``i``'s sender address sits in the batch's header mapping."""
+    return batch.name_addresses[i] - batch.name_addresses[0] + batch.names_offset
+
+
 def test_flush_with_nothing_queued_sends_nothing() -> None:
     server = _bound(socket.AF_INET, "127.0.0.1")
     try:

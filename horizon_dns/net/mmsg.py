@@ -121,6 +121,7 @@ class DatagramBatch:
         iovs = 2 * slots * HDR
         self._send_iovs = iovs + slots * IOV
         self._names = iovs + 2 * slots * IOV
+        self.names_offset = self._names  # where the sender addresses start in ``headers``
         self._send_buffers = slots * SLOT_BYTES
         self._head_address = head
         self.name_addresses = [head + self._names + i * NAME_BYTES for i in range(slots)]

@@ -23,7 +23,7 @@ from horizon_dns.core.handler import QueryHandler
 from horizon_dns.errors import Error
 from horizon_dns.net import mmsg
 from horizon_dns.net.tcp import TcpConnection, TcpConnections, TcpLimits
-from horizon_dns.net.udp import BatchedUdpListener, InFlight, UdpListener
+from horizon_dns.net.udp import BatchedUdpListener, BatchTransport, InFlight, UdpListener
 
 log = logging.getLogger("horizon_dns.net.server")
 
@@ -119,6 +119,12 @@ class DnsServer:
         self.tcp.append(server)
         self.acls.append(acl)
         self.bound.append(ListenAddress(address.host, port, address.allow))
+
+    def udp_replies_dropped(self) -> int:
+        """Replies the kernel would not take (a full socket buffer), on batched listeners."""
+        return sum(
+            transport.batch.dropped for transport, _ in self.udp if isinstance(transport, BatchTransport)
+        )
 
     async def rebind(self, listen: list[ListenAddress]) -> None:
         """Listen on exactly ``listen``: bind what is new, close what is gone, keep the rest."""

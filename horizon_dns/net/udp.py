@@ -127,7 +127,7 @@ Address = tuple[Any, ...]
 _ADDRESS_MEMO = 4096  # raw sockaddr -> tuple; stub resolvers reuse few source ports
 
 
-class _BatchTransport:
+class BatchTransport:
     """The ``sendto`` a listener calls: queued into the batch while one is being
     answered (the reply goes to the datagram's own sender), sent at once otherwise
     (a reply from a task, after the batch it came in has gone)."""
@@ -145,6 +145,7 @@ class _BatchTransport:
         try:
             self.sock.sendto(data, addr)
         except OSError as exc:  # a full buffer or an unroutable client: UDP drops it
+            self.batch.dropped += 1
             log.debug("UDP reply to %s not sent: %s", addr[0], exc)
 
     def is_closing(self) -> bool:
@@ -176,15 +177,15 @@ class BatchedUdpListener(UdpListener):
         self.slots = slots
         self._addresses: dict[bytes, Address] = {}
 
-    def attach(self, sock: socket.socket) -> _BatchTransport:
+    def attach(self, sock: socket.socket) -> BatchTransport:
         """Start reading ``sock`` (non-blocking, bound) on the running loop."""
         batch = DatagramBatch(sock, self.slots)
-        transport = _BatchTransport(sock, batch)
+        transport = BatchTransport(sock, batch)
         self.transport = cast(asyncio.DatagramTransport, transport)
         asyncio.get_running_loop().add_reader(sock.fileno(), self._readable, transport)
         return transport
 
-    def _readable(self, transport: _BatchTransport) -> None:
+    def _readable(self, transport: BatchTransport) -> None:
         batch = transport.batch
         addresses = self._addresses
         received = self.datagram_received
