@@ -191,3 +191,40 @@ def test_a_burst_mixing_cached_and_new_names_is_answered_in_full(
         assert reply.question[0].name.to_text() == f"n{n}.mydomain.tld."
         assert [r.address for r in reply.answer[0]] == [f"100.64.0.{n}"]
     assert handler.fast_hits >= count // 2 - 1  # the odd ones came from the hot path
+
+
+def test_a_datagram_that_breaks_the_listener_costs_only_itself(tmp_path: Path) -> None:
+    config = config_from(tmp_path, RULES)
+    handler = QueryHandler(config.pipeline())
+    fast_answer = handler.fast_answer
+
+    def breaks_on_n13(data: bytes, tcp: bool = False) -> bytes | None:
+        if b"\x03n13" in data:
+            raise RuntimeError("a bug")
+        return fast_answer(data, tcp)
+
+    handler.fast_answer = breaks_on_n13  # type: ignore[method-assign]
+    server = DnsServer(handler, [ListenAddress("127.0.0.1", 0)], TcpLimits(), batched=True)
+
+    async def scenario() -> set[int]:
+        await server.start()
+        loop = asyncio.get_running_loop()
+        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        client.setblocking(False)
+        try:
+            address = ("127.0.0.1", server.bound[0].port)
+            for n in (12, 13, 14):  # one batch: queued before the server reads
+                query = dns.message.make_query(f"n{n}.mydomain.tld", "A")
+                query.id = n
+                client.sendto(query.to_wire(), address)
+            ids = set()
+            for _ in range(2):
+                ids.add(dns.message.from_wire(await asyncio.wait_for(loop.sock_recv(client, 512), 3)).id)
+            with pytest.raises(TimeoutError):  # n13 gets no reply; nothing else is missing
+                await asyncio.wait_for(loop.sock_recv(client, 512), 0.3)
+            return ids
+        finally:
+            client.close()
+            await server.stop(1)
+
+    assert asyncio.run(scenario()) == {12, 14}

@@ -210,7 +210,10 @@ class BatchedUdpListener(UdpListener):
                             addresses.clear()
                         addresses[name] = addr
                     transport.current = i
-                    received(data, addr)
+                    try:
+                        received(data, addr)
+                    except Exception:  # one datagram's bug must not drop the rest of the batch
+                        log.exception("UDP datagram from %s failed", addr[0])
             finally:
                 transport.current = -1
             batch.flush()
