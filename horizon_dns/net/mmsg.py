@@ -108,7 +108,6 @@ class DatagramBatch:
     def __init__(self, sock: socket.socket, slots: int = 64) -> None:
         if not available():
             raise OSError(errno.ENOSYS, "recvmmsg/sendmmsg are not available here")
-        self.sock = sock
         self.fd = sock.fileno()
         self.slots = slots
         self.namelen = 16 if sock.family == socket.AF_INET else 28
@@ -120,11 +119,10 @@ class DatagramBatch:
         self._send_headers = slots * HDR
         iovs = 2 * slots * HDR
         self._send_iovs = iovs + slots * IOV
-        self._names = iovs + 2 * slots * IOV
-        self.names_offset = self._names  # where the sender addresses start in ``headers``
+        self.names_offset = iovs + 2 * slots * IOV  # where sender addresses start in ``headers``
         self._send_buffers = slots * SLOT_BYTES
         self._head_address = head
-        self.name_addresses = [head + self._names + i * NAME_BYTES for i in range(slots)]
+        self.name_addresses = [head + self.names_offset + i * NAME_BYTES for i in range(slots)]
         for i in range(slots):
             recv_iov = iovs + i * IOV
             send_iov = self._send_iovs + i * IOV
@@ -160,7 +158,8 @@ class DatagramBatch:
         headers = self.headers
         (length,) = struct.unpack_from("I", headers, i * HDR + _LEN)
         start = i * SLOT_BYTES
-        name = headers[self._names + i * NAME_BYTES : self._names + i * NAME_BYTES + self.namelen]
+        where = self.names_offset + i * NAME_BYTES
+        name = headers[where : where + self.namelen]
         return self.buffers[start : start + length], name
 
     def queue(self, i: int, reply: bytes) -> None:

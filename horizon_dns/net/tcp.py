@@ -2,8 +2,7 @@
 
 Contract: each message of a connection is answered as soon as it completes, in
 any order (clients match by ID): at once when it needs no I/O, else from its own
-task. A connection
-closes after ``idle_timeout`` seconds with nothing to read or send
+task. A connection closes after ``idle_timeout`` seconds with nothing to read or send
 (RFC 7766 §6.2.3) -- a slowloris holds a connection no longer than that.
 Reading pauses while ``max_inflight`` queries of one connection are unanswered.
 Connections beyond ``max_connections``, or beyond the policy's per-client cap,
