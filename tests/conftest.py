@@ -108,6 +108,16 @@ def start_server(
     return ServerProcess(proc, host, port, host6, port6, log, config)
 
 
+def stopped_cleanly(server: ServerProcess) -> Iterator[ServerProcess]:
+    """Yield ``server`` to a fixture's tests; then it must exit 0 and have logged no traceback."""
+    try:
+        yield server
+    finally:
+        assert server.stop() == 0
+        log = server.log_text()
+        assert "Traceback" not in log, log
+
+
 SEED_RULES = r"""
 aliases:
   hub: nodec

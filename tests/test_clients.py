@@ -23,7 +23,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 import pytest
-from conftest import SEED_RULES, ServerProcess, require_tool, start_server
+from conftest import SEED_RULES, ServerProcess, require_tool, start_server, stopped_cleanly
 from helpers import tcp_read
 
 TIMEOUT = 3.0  # seconds for any one reply
@@ -334,13 +334,7 @@ zones:
 
 @pytest.fixture(scope="module")
 def sized_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    server = start_server(tmp_path_factory.mktemp("sized"), SIZED_RULES, ipv6=False)
-    try:
-        yield server
-    finally:
-        assert server.stop() == 0
-        log = server.log_text()
-        assert "Traceback" not in log, log
+    yield from stopped_cleanly(start_server(tmp_path_factory.mktemp("sized"), SIZED_RULES, ipv6=False))
 
 
 @pytest.mark.parametrize(
@@ -527,13 +521,7 @@ def cached_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPr
     """The seed's rules behind a cache: repeated names come from the hot path, in one write."""
     rules = SEED_RULES.replace("    stages:\n", "    stages:\n      - cache: {}\n", 1)
     assert "- cache: {}" in rules
-    server = start_server(tmp_path_factory.mktemp("cached"), rules)
-    try:
-        yield server
-    finally:
-        assert server.stop() == 0
-        log = server.log_text()
-        assert "Traceback" not in log, log
+    yield from stopped_cleanly(start_server(tmp_path_factory.mktemp("cached"), rules))
 
 
 SERVERS = pytest.mark.parametrize("kind", ["seed_server", "cached_server"], ids=["full-path", "hot-path"])
@@ -574,12 +562,7 @@ def test_tcp_many_queries_one_by_one(seed_server: ServerProcess) -> None:
 @pytest.fixture(scope="module")
 def idle_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     server = start_server(tmp_path_factory.mktemp("idle"), SEED_RULES, "tcp:\n  idle_timeout: 0.5\n")
-    try:
-        yield server
-    finally:
-        assert server.stop() == 0
-        log = server.log_text()
-        assert "Traceback" not in log, log
+    yield from stopped_cleanly(server)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -610,12 +593,7 @@ def test_tcp_activity_keeps_connection_open(idle_server: ServerProcess) -> None:
 @pytest.fixture(scope="module")
 def capped_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     server = start_server(tmp_path_factory.mktemp("capped"), SEED_RULES, "tcp:\n  max_connections: 2\n")
-    try:
-        yield server
-    finally:
-        assert server.stop() == 0
-        log = server.log_text()
-        assert "Traceback" not in log, log
+    yield from stopped_cleanly(server)
 
 
 def _answered(sock: socket.socket, msg_id: int) -> bool:
