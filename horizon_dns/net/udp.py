@@ -124,7 +124,7 @@ class UdpListener(asyncio.DatagramProtocol):
 
 
 Address = tuple[Any, ...]
-_ADDRESS_MEMO = 4096  # raw sockaddr -> tuple; stub resolvers reuse few source ports
+_ADDRESS_MEMO = 4096
 
 
 class BatchTransport:
@@ -164,30 +164,19 @@ class BatchedUdpListener(UdpListener):
     """``UdpListener`` fed by recvmmsg and answering through sendmmsg (Linux)."""
 
     ROUNDS = 8  # batches per readiness event, so TCP and timers are not starved
-
-    def __init__(
-        self,
-        handler: QueryHandler,
-        inflight: InFlight,
-        acl: Acl | None = None,
-        policy: EdgePolicy | None = None,
-        slots: int = 64,
-    ) -> None:
-        super().__init__(handler, inflight, acl, policy)
-        self.slots = slots
-        self._addresses: dict[bytes, Address] = {}
+    SLOTS = 64  # datagrams per recvmmsg call
 
     def attach(self, sock: socket.socket) -> BatchTransport:
         """Start reading ``sock`` (non-blocking, bound) on the running loop."""
-        batch = DatagramBatch(sock, self.slots)
-        transport = BatchTransport(sock, batch)
+        transport = BatchTransport(sock, DatagramBatch(sock, self.SLOTS))
         self.transport = cast(asyncio.DatagramTransport, transport)
-        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable, transport)
+        # Raw sockaddr -> the tuple sendto takes; stub resolvers reuse few source ports.
+        addresses: dict[bytes, Address] = {}
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable, transport, addresses)
         return transport
 
-    def _readable(self, transport: BatchTransport) -> None:
+    def _readable(self, transport: BatchTransport, addresses: dict[bytes, Address]) -> None:
         batch = transport.batch
-        addresses = self._addresses
         received = self.datagram_received
         for _round in range(self.ROUNDS):
             try:
