@@ -14,6 +14,8 @@ import ipaddress
 import time
 from collections.abc import Callable, Iterable
 
+from horizon_dns.core.bounded import remember
+
 LOOPBACK = ("127.0.0.0/8", "::1/128")
 _MEMO_LIMIT = 65536
 
@@ -42,9 +44,7 @@ class Acl:
             verdict = address is not None and any(
                 address.version == n.version and address in n for n in self.networks
             )
-            if len(self._memo) >= _MEMO_LIMIT:
-                self._memo.clear()
-            self._memo[ip] = verdict
+            remember(self._memo, ip, verdict, _MEMO_LIMIT)
         if not verdict:
             self.denied += 1
         return verdict

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from time import monotonic
 
+from horizon_dns.core.bounded import remember
 from horizon_dns.core.encode import (
     CLASSIC_UDP_LIMIT,
     DEFAULT_UDP_PAYLOAD,
@@ -119,7 +120,6 @@ class QueryHandler:
         #: False while something must see every query (the query log): all take the full path.
         self.fast_enabled = True
         self.fast_hits = 0
-        self._opts: dict[tuple[int, bool, tuple[int, str] | None], bytes] = {}
 
     @property
     def pipeline(self) -> Pipeline:
@@ -187,20 +187,15 @@ class QueryHandler:
         packed, body, expires = hit  # a final reply: chased and fallen back before it was stored
         opt = b""
         if arcount:
-            opt_key = (packed.rcode >> 4, do, packed.ede)
-            opt = self._opts.get(opt_key) or self._opts.setdefault(
-                opt_key, encode_opt(self.udp_payload, packed.rcode, do, packed.ede)
-            )
+            opt = encode_opt(self.udp_payload, packed.rcode, do, packed.ede)
         self.fast_hits += 1
         reply = serve(
             msg_id, flags, data[12:question_end], packed, opt, limit, zone.recursion_available, body
         )
-        if len(memo) >= MEMO_SIZE:
-            memo.clear()
         # Kept 0.5-1 s, spread by the key's hash: names first asked together must not
         # all fall back to the slower path in the same millisecond, every second.
         lifetime = 1.0 - (hash(tail) & 511) / 1024
-        memo[tail] = (min(monotonic() + lifetime, expires), reply[2:])
+        remember(memo, tail, (min(monotonic() + lifetime, expires), reply[2:]), MEMO_SIZE)
         return reply
 
     async def handle(self, data: bytes, client: tuple[str, int] | None, transport: str) -> bytes | None:

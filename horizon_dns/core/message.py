@@ -15,6 +15,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from horizon_dns.core.bounded import remember
 from horizon_dns.core.names import name_to_text
 
 if TYPE_CHECKING:
@@ -103,9 +104,7 @@ class Query:
             lower = self.qname_wire.lower()
             name = _NAMES.get(lower)
             if name is None:
-                if len(_NAMES) >= 4096:
-                    _NAMES.clear()
-                name = _NAMES[lower] = name_to_text(lower)
+                name = remember(_NAMES, lower, name_to_text(lower), 4096)
             self._name = name
         return self._name
 

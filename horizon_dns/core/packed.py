@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 
 from dnslib import RR, DNSBuffer, DNSRecord
 
+from horizon_dns.core.bounded import remember
 from horizon_dns.core.wire import (
     AA,
     AD,
@@ -239,9 +240,8 @@ def encode_opt(
     key = (payload, rcode, do, ede, nsid)
     opt = _OPTS.get(key)
     if opt is None:
-        if len(_OPTS) >= 1024:  # EDE texts may carry names: keep the table bounded
-            _OPTS.clear()
-        opt = _OPTS[key] = _build_opt(payload, rcode, do, ede, nsid)
+        # Bounded: EDE texts from upstreams may carry names.
+        opt = remember(_OPTS, key, _build_opt(payload, rcode, do, ede, nsid), 1024)
     return opt
 
 

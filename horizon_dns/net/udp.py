@@ -21,6 +21,7 @@ import socket
 from typing import Any, cast
 
 from horizon_dns.core.access import Acl, EdgePolicy
+from horizon_dns.core.bounded import remember
 from horizon_dns.core.handler import QueryHandler
 from horizon_dns.core.wire import REFUSED, SERVFAIL, short_reply
 from horizon_dns.net.eager import start_eagerly
@@ -195,9 +196,7 @@ class BatchedUdpListener(UdpListener):
                             addr = decode_address(name)
                         except ValueError:
                             continue
-                        if len(addresses) >= _ADDRESS_MEMO:
-                            addresses.clear()
-                        addresses[name] = addr
+                        remember(addresses, name, addr, _ADDRESS_MEMO)
                     transport.current = i
                     try:
                         received(data, addr)

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from horizon_dns.config.source import Section, as_bool, int_range
+from horizon_dns.core.bounded import remember
 from horizon_dns.core.encode import pack_reply
 from horizon_dns.core.message import Outcome, Query, Reply
 from horizon_dns.core.packed import Packed, aged_body
@@ -230,10 +231,11 @@ class CacheStage:
     def _clamped(self, packed: Packed) -> Packed:
         """Record TTLs held to [min_ttl, max_ttl], so what is served matches the lifetime."""
         low, high = self.min_ttl, self.max_ttl
-        if all(low <= ttl <= high for _off, ttl in packed.ttls):
+        ttls = packed.ttls  # read from the body: once
+        if all(low <= ttl <= high for _off, ttl in ttls):
             return packed
         body = bytearray(packed.body)
-        for offset, ttl in packed.ttls:
+        for offset, ttl in ttls:
             struct.pack_into("!I", body, offset, max(low, min(ttl, high)))
         return packed.with_body(bytes(body))
 
@@ -255,9 +257,8 @@ class CacheStage:
         shape = (packed.with_body(b""), outcome)
         shared = self._shapes.get(shape)
         if shared is None:
-            if len(self._shapes) >= _SHAPES_MAX:
-                self._shapes.clear()  # entries keep their own; only the sharing restarts
-            shared = self._shapes[shape] = shape
+            # Forgetting is safe: entries keep their own; only the sharing restarts.
+            shared = remember(self._shapes, shape, shape, _SHAPES_MAX)
         return shared
 
     def store_final(self, query: Query, reply: Reply) -> None:

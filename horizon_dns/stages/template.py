@@ -54,6 +54,7 @@ from dnslib import CLASS, QTYPE, RCODE, RR, DNSBuffer, DNSLabel
 from yaml.nodes import Node
 
 from horizon_dns.config.source import Section, Where, as_bool, as_str, int_range, item_node
+from horizon_dns.core.bounded import remember
 from horizon_dns.core.encode import pack_reply
 from horizon_dns.core.message import Outcome, Query, Reply
 from horizon_dns.core.packed import Packed
@@ -262,9 +263,7 @@ class TemplateStage:
         key: tuple[bytes | str, ...] = (query.qname_wire.lower(), *texts)
         packed = self._packed_cache.get(key)
         if packed is None:
-            if len(self._packed_cache) >= _RR_CACHE_SIZE:
-                self._packed_cache.clear()
-            packed = self._packed_cache[key] = pack_reply(query, reply)
+            packed = remember(self._packed_cache, key, pack_reply(query, reply), _RR_CACHE_SIZE)
         reply.packed = packed
         return reply
 
@@ -324,10 +323,7 @@ class TemplateStage:
         if cached is not None:
             return cached
         records = parse_zone_lines(text, self.ttl)
-        if len(self._rr_cache) >= _RR_CACHE_SIZE:
-            self._rr_cache.clear()
-        self._rr_cache[text] = records
-        return records
+        return remember(self._rr_cache, text, records, _RR_CACHE_SIZE)
 
 
 class _BadRecord(Exception):
