@@ -23,6 +23,7 @@ from horizon_dns.core.names import MAX_LABEL, MAX_NAME_WIRE
 HEADER = struct.Struct("!HHHHHH")
 _QTAIL = struct.Struct("!HH")
 RR_FIXED = struct.Struct("!HHIH")  # type, class, TTL, rdlength
+TCP_LENGTH = struct.Struct("!H")  # RFC 1035 §4.2.2: each message over TCP behind its length
 
 # Flag bits of the second header word (RFC 1035 §4.1.1, RFC 4035 §3.2).
 QR = 0x8000
@@ -200,6 +201,11 @@ def read_rr(data: bytes, offset: int) -> tuple[int, int, int, int, int]:
 
 def _skip_rr(data: bytes, offset: int) -> int:
     return read_rr(data, offset)[4]
+
+
+def tcp_frame(message: bytes) -> bytes:
+    """``message`` behind its two-byte length, as TCP carries it (RFC 1035 §4.2.2)."""
+    return TCP_LENGTH.pack(len(message)) + message
 
 
 def encode_error(msg_id: int, flags: int, rcode: int, opt: bytes = b"") -> bytes:

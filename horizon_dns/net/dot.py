@@ -18,11 +18,10 @@ import secrets
 import ssl
 import struct
 
+from horizon_dns.core.wire import TCP_LENGTH, tcp_frame
 from horizon_dns.net.upstream import Upstream, reply_matches
 
 log = logging.getLogger("horizon_dns.net.dot")
-
-_LENGTH = struct.Struct("!H")
 
 
 class DotConnection:
@@ -57,7 +56,7 @@ class DotConnection:
         error: BaseException = ConnectionError(f"{self.upstream} closed the connection")
         try:
             while True:
-                (length,) = _LENGTH.unpack(await reader.readexactly(2))
+                (length,) = TCP_LENGTH.unpack(await reader.readexactly(2))
                 data = await reader.readexactly(length)
                 if len(data) < 2:
                     continue
@@ -88,7 +87,7 @@ class DotConnection:
         future: asyncio.Future[bytes] = loop.create_future()
         self.pending[msg_id] = (message, question_end, future)
         try:
-            writer.write(_LENGTH.pack(len(message)) + message)
+            writer.write(tcp_frame(message))
             return await asyncio.wait_for(future, max(deadline - loop.time(), 0.001))
         finally:
             self.pending.pop(msg_id, None)

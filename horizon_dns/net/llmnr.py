@@ -28,6 +28,7 @@ import socket
 import struct
 from collections.abc import Callable, Iterable
 
+from horizon_dns.core.wire import TCP_LENGTH, tcp_frame
 from horizon_dns.errors import Error
 from horizon_dns.llmnr.responder import (
     LLMNR_GROUP_V4,
@@ -47,7 +48,6 @@ log = logging.getLogger("horizon_dns.net.llmnr")
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Python 3.11 lacks the constant on Linux
 IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
 IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
-_LENGTH = struct.Struct("!H")
 
 RESOLVED_HINT = (
     "TCP port 5355 is in use, most likely by systemd-resolved's own LLMNR responder. "
@@ -248,7 +248,7 @@ class LlmnrResponder:
             local = writer.get_extra_info("sockname")
             interface = self._interface_of(str(local[0]))
             while True:
-                (length,) = _LENGTH.unpack(await asyncio.wait_for(reader.readexactly(2), 10))
+                (length,) = TCP_LENGTH.unpack(await asyncio.wait_for(reader.readexactly(2), 10))
                 data = await asyncio.wait_for(reader.readexactly(length), 10)
                 arrival = Arrival(
                     "tcp", (str(peer[0]), int(peer[1])), str(local[0]), interface.index if interface else 0
@@ -257,7 +257,7 @@ class LlmnrResponder:
                 self.counts[reason] += 1
                 if reply is None:
                     return  # silence over TCP: close
-                writer.write(_LENGTH.pack(len(reply)) + reply)
+                writer.write(tcp_frame(reply))
                 await writer.drain()
         except (asyncio.IncompleteReadError, TimeoutError, OSError):
             pass

@@ -14,20 +14,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import struct
 import time
 from dataclasses import dataclass
 from typing import cast
 
 from horizon_dns.core.access import Acl, EdgePolicy
 from horizon_dns.core.handler import QueryHandler
-from horizon_dns.core.wire import REFUSED, short_reply
+from horizon_dns.core.wire import REFUSED, TCP_LENGTH, short_reply, tcp_frame
 from horizon_dns.net.eager import start_eagerly
 from horizon_dns.net.udp import InFlight
 
 log = logging.getLogger("horizon_dns.net.tcp")
-
-_LENGTH = struct.Struct("!H")
 
 
 @dataclass(slots=True)
@@ -152,7 +149,7 @@ class TcpConnection(asyncio.Protocol):
         offset = 0
         end = len(data)
         while offset + 2 <= end:
-            (length,) = _LENGTH.unpack_from(data, offset)
+            (length,) = TCP_LENGTH.unpack_from(data, offset)
             if offset + 2 + length > end:
                 break
             message = data[offset + 2 : offset + 2 + length]
@@ -161,11 +158,11 @@ class TcpConnection(asyncio.Protocol):
                 self.conns.policy.refused += 1
                 refusal = short_reply(message, REFUSED)
                 if refusal is not None:
-                    out.append(_LENGTH.pack(len(refusal)) + refusal)
+                    out.append(tcp_frame(refusal))
                 continue
             reply = self.handler.fast_answer(message, tcp=True)
             if reply is not None:
-                out.append(_LENGTH.pack(len(reply)) + reply)
+                out.append(tcp_frame(reply))
                 continue
             self.pending += 1
             self._out = out  # a reply the pipeline gives without waiting joins this write
@@ -192,9 +189,9 @@ class TcpConnection(asyncio.Protocol):
             transport = self.transport
             if reply is not None and transport is not None and not transport.is_closing():
                 if self._out is not None:
-                    self._out.append(_LENGTH.pack(len(reply)) + reply)
+                    self._out.append(tcp_frame(reply))
                 else:
-                    transport.write(_LENGTH.pack(len(reply)) + reply)
+                    transport.write(tcp_frame(reply))
         finally:
             self.pending -= 1
             self._after_reply()

@@ -20,9 +20,7 @@ import struct
 from dataclasses import dataclass
 
 from horizon_dns.core.address import split_host_port
-from horizon_dns.core.wire import HEADER, QR
-
-_LENGTH = struct.Struct("!H")
+from horizon_dns.core.wire import HEADER, QR, TCP_LENGTH, tcp_frame
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,10 +130,10 @@ async def exchange_tcp(upstream: Upstream, message: bytes, question_end: int, ti
     async def run() -> bytes:
         reader, writer = await asyncio.open_connection(upstream.host, upstream.port)
         try:
-            writer.write(_LENGTH.pack(len(message)) + message)
+            writer.write(tcp_frame(message))
             await writer.drain()
             while True:
-                (length,) = _LENGTH.unpack(await reader.readexactly(2))
+                (length,) = TCP_LENGTH.unpack(await reader.readexactly(2))
                 data = await reader.readexactly(length)
                 if reply_matches(data, message, question_end):
                     return data
