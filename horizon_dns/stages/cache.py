@@ -73,10 +73,6 @@ class Entry:
     def outcome(self) -> Outcome:
         return self.shape[1]
 
-    @property
-    def packed(self) -> Packed:
-        return self.shape[0].with_body(self.blob[_TIMES.size :])
-
 
 def cache_key(qname_wire: bytes, qtype: int, qclass: int, do: bool, cd: bool) -> bytes:
     """Lowercased wire name + type + class + DO/CD: the same for every case variant."""
@@ -172,7 +168,7 @@ class CacheStage:
             query.note(f"  cache hit ({len(self.entries)} entries)")
             return Reply(
                 packed.rcode, self.name, self.entries[key].outcome, "cache:hit",
-                packed=replace(packed, body=body),
+                packed=packed.with_body(body),
             )  # fmt: skip
         self.misses += 1
         waiting = self.inflight.get(key)
@@ -210,8 +206,9 @@ class CacheStage:
             return None
         self.stale_served += 1
         query.note("  what follows failed: serving the expired entry (RFC 8767)")
-        body = aged_body(entry.packed, 0, STALE_TTL)
-        packed = replace(entry.packed, body=body, ede=(EDE_STALE_ANSWER, "stale answer: upstreams failed"))
+        shape = entry.shape[0]
+        body = aged_body(shape, 0, STALE_TTL, body=entry.blob[_TIMES.size :])
+        packed = replace(shape, body=body, ede=(EDE_STALE_ANSWER, "stale answer: upstreams failed"))
         return Reply(packed.rcode, self.name, entry.outcome, "cache:stale", packed=packed)
 
     def ttl_for(self, packed: Packed) -> int | None:
