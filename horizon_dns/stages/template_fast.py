@@ -111,8 +111,8 @@ def compile_simple(ast: nodes.Template, env: jinja2.Environment) -> Renderer | N
             if getter is None:
                 return None
             parts.append(getter)
-    literal = "".join(p for p in parts if isinstance(p, str))
     if all(isinstance(p, str) for p in parts):
+        literal = "".join(p for p in parts if isinstance(p, str))
         return lambda _query, _found, _zone: literal
     frozen = tuple(parts)
 
