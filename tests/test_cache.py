@@ -16,6 +16,7 @@ from helpers import config_from, make_query
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from horizon_dns.core import handler as handler_module
 from horizon_dns.core.encode import TCP_LIMIT, encode_reply
 from horizon_dns.core.handler import QueryHandler
 from horizon_dns.core.message import Edns, Outcome, Query, Reply
@@ -236,7 +237,7 @@ def test_ttl_arithmetic(ttl: int, age: int, floor: int, cap: int) -> None:
         assert fresh is None
     else:
         assert fresh is not None
-        packed, body, _expires = fresh
+        packed, body, _expires, _entry, _age = fresh
         reply = Reply(NOERROR, "cache", Outcome.ANSWER, "hit", packed=replace(packed, body=body))
         assert ttls(make_query("a.test."), reply) == [lifetime - age]
 
@@ -335,3 +336,65 @@ def test_remembered_replies_differ_only_in_id_and_end_with_a_reload(tmp_path: Pa
     assert dns.message.from_wire(two).id == first.id
     handler.pipeline = config_from(tmp_path, HOT_RULES.replace("192.0.2.7", "192.0.2.8")).pipeline()
     assert handler.fast_answer(first.to_wire()) is None  # nothing remembered across a reload
+
+
+def hot_handler(tmp_path: Path, rules: str, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> QueryHandler:
+    """A handler whose reply memo and leading cache both run on ``clock``."""
+    monkeypatch.setattr(handler_module, "monotonic", clock)
+    handler = QueryHandler(config_from(tmp_path, rules).pipeline())
+    found = handler.pipeline.zone_for_wire(text_to_name("hot.test."))
+    assert found is not None and isinstance(found[1], CacheStage)
+    found[1].clock = clock
+    found[1].epoch = clock.now
+    return handler
+
+
+def test_a_remembered_reply_ages_with_its_cache_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The memo keeps a reply for under a second, then lowers its TTLs in place: the
+    # bytes must stay those of a reply built afresh from the entry (RFC 1035 §3.2.1).
+    clock = Clock()
+    handler = hot_handler(tmp_path, HOT_RULES, clock, monkeypatch)
+    wire = dns.message.make_query("A.hot.test", "A", use_edns=0).to_wire()
+    asyncio.run(handler.handle(wire, ("127.0.0.1", 1), "udp"))
+    for age in (0, 1, 2, 7, 59):
+        clock.now = 1000.0 + age + 0.05
+        remembered = handler.fast_answer(wire)
+        afresh = QueryHandler(handler.pipeline).fast_answer(wire)  # same cache, empty memo
+        assert remembered is not None and remembered == afresh
+        assert dns.message.from_wire(remembered).answer[0].ttl == 60 - age
+    clock.now = 1060.5
+    assert handler.fast_answer(wire) is None  # the entry expired: the full path asks again
+
+
+def test_a_remembered_reply_goes_with_its_evicted_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = Clock()
+    handler = hot_handler(tmp_path, HOT_RULES, clock, monkeypatch)
+    wire = dns.message.make_query("a.hot.test", "A").to_wire()
+    asyncio.run(handler.handle(wire, ("127.0.0.1", 1), "udp"))
+    assert handler.fast_answer(wire) is not None
+    found = handler.pipeline.zone_for_wire(text_to_name("hot.test."))
+    assert found is not None and isinstance(found[1], CacheStage)
+    found[1].entries.clear()
+    clock.now += 1.0
+    assert handler.fast_answer(wire) is None
+
+
+def test_a_remembered_truncated_reply_is_renewed_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 40 A records do not fit 512 bytes: the reply has TC=1 and no records, so
+    # renewing it must touch none of its bytes (RFC 2181 §9).
+    answers = ", ".join(f"'{{{{ name }}}} 60 IN A 192.0.2.{i}'" for i in range(40))
+    rules = HOT_RULES.replace("['{{ name }} 60 IN A 192.0.2.7']", f"[{answers}]")
+    clock = Clock()
+    handler = hot_handler(tmp_path, rules, clock, monkeypatch)
+    wire = dns.message.make_query("a.hot.test", "A").to_wire()
+    asyncio.run(handler.handle(wire, ("127.0.0.1", 1), "udp"))
+    first = handler.fast_answer(wire)
+    assert first is not None and dns.message.from_wire(first).flags & dns.flags.TC
+    clock.now += 3.0
+    assert handler.fast_answer(wire) == first

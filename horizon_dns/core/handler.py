@@ -30,8 +30,9 @@ from horizon_dns.core.encode import (
     udp_limit,
 )
 from horizon_dns.core.message import Outcome, Query, Reply, qtype_name
-from horizon_dns.core.packed import encode_opt, serve
+from horizon_dns.core.packed import encode_opt, lower_ttls, serve
 from horizon_dns.core.pipeline import EDE_OTHER, Pipeline
+from horizon_dns.core.stage import FastCache
 from horizon_dns.core.stats import Histogram
 from horizon_dns.core.wire import (
     BADVERS,
@@ -95,16 +96,42 @@ def has_option(options: bytes, code: int) -> bool:
     return False
 
 
+#: A reply the hot path remembers for one query's bytes after the ID: (valid until,
+#: reply bytes after the ID, where its records start in them, the TTL offsets from
+#: there, and the cache, key, entry and entry age in seconds it was built from).
+Remembered = tuple[float, bytes, int, tuple[int, ...], FastCache, bytes, object, int]
+
+
+def _memo_lifetime(tail: bytes) -> float:
+    """0.5-1 s, spread by the query's hash: names first asked together must not all
+    be renewed in the same millisecond, every second."""
+    return 1.0 - (hash(tail) & 511) / 1024
+
+
+def _renewed(remembered: Remembered, now: float, lifetime: float) -> Remembered | None:
+    """The remembered reply with its TTLs aged to now, while its cache entry is still
+    current and fresh; None when the reply must be built again."""
+    _valid, reply, base, ttls, cache, key, entry, age = remembered
+    current = cache.current_age(key, entry)
+    if current is None:
+        return None
+    now_age, expires = current
+    # RFC 1035 §3.2.1: the TTLs the client sees count down with the entry's age.
+    reply = lower_ttls(reply, ttls, now_age - age, base)
+    return (min(now + lifetime, expires), reply, base, ttls, cache, key, entry, now_age)
+
+
 class QueryHandler:
     """Decodes, resolves through the current pipeline, encodes."""
 
     def __init__(self, pipeline: Pipeline, udp_payload: int = DEFAULT_UDP_PAYLOAD, nsid: str = "") -> None:
-        # Query bytes after the ID -> (valid until, reply bytes after the ID): the same
-        # question with the same flags and EDNS gets the same bytes for up to a second
-        # (TTLs then age by at most 1 s). One dict lookup instead of a scan.
+        # Query bytes after the ID -> a Remembered reply: the same question with the
+        # same flags and EDNS gets the same bytes for up to a second (TTLs then age by
+        # at most 1 s), then the same bytes with their TTLs lowered while the cache
+        # entry they came from stays. One dict lookup instead of a scan.
         # Kept apart per transport: a UDP reply may be truncated where a TCP one is not.
-        self._memo: dict[bytes, tuple[float, bytes]] = {}
-        self._memo_tcp: dict[bytes, tuple[float, bytes]] = {}
+        self._memo: dict[bytes, Remembered] = {}
+        self._memo_tcp: dict[bytes, Remembered] = {}
         self._pipeline = pipeline
         self.udp_payload = udp_payload
         #: RFC 5001: what `dig +nsid` is told; the node's name, so it says which node answered.
@@ -140,9 +167,15 @@ class QueryHandler:
         tail = data[2:]
         remembered = memo.get(tail)
         if remembered is not None:
-            if remembered[0] > monotonic():
+            now = monotonic()
+            if remembered[0] > now:
                 self.fast_hits += 1
                 return data[:2] + remembered[1]
+            renewed = _renewed(remembered, now, _memo_lifetime(tail))
+            if renewed is not None:
+                memo[tail] = renewed
+                self.fast_hits += 1
+                return data[:2] + renewed[1]
             del memo[tail]
         size = len(data)
         if size < 17:
@@ -184,18 +217,19 @@ class QueryHandler:
         hit = cache.serve_fresh(key)
         if hit is None:
             return None
-        packed, body, expires = hit  # a final reply: chased and fallen back before it was stored
+        # A final reply: chased and fallen back before it was stored.
+        packed, body, expires, entry, age = hit
         opt = b""
         if arcount:
             opt = encode_opt(self.udp_payload, packed.rcode, do, packed.ede)
         self.fast_hits += 1
-        reply = serve(
-            msg_id, flags, data[12:question_end], packed, opt, limit, zone.recursion_available, body
-        )
-        # Kept 0.5-1 s, spread by the key's hash: names first asked together must not
-        # all fall back to the slower path in the same millisecond, every second.
-        lifetime = 1.0 - (hash(tail) & 511) / 1024
-        remember(memo, tail, (min(monotonic() + lifetime, expires), reply[2:]), MEMO_SIZE)
+        question = data[12:question_end]
+        reply = serve(msg_id, flags, question, packed, opt, limit, zone.recursion_available, body)
+        # Where the records start in the reply bytes after the ID; a truncated reply has none.
+        base = HEADER.size - 2 + len(question)
+        ttls = packed.ttl_offsets if len(reply) > base + 2 + len(opt) else ()
+        valid = min(monotonic() + _memo_lifetime(tail), expires)
+        remember(memo, tail, (valid, reply[2:], base, ttls, cache, key, entry, age), MEMO_SIZE)
         return reply
 
     async def handle(self, data: bytes, client: tuple[str, int] | None, transport: str) -> bytes | None:

@@ -270,14 +270,24 @@ def aged_body(packed: Packed, age: int, stale_ttl: int | None = None, body: byte
     ``age`` (floor 0), or set to ``stale_ttl``."""
     if body is None:
         body = packed.body
-    if not age and stale_ttl is None:
-        return body
+    if stale_ttl is None:
+        return lower_ttls(body, packed.ttl_offsets, age)
     aged = bytearray(body)
-    pack_into = _TTL.pack_into
-    unpack_from = _TTL.unpack_from
     for offset in packed.ttl_offsets:
-        ttl = stale_ttl if stale_ttl is not None else max(unpack_from(body, offset)[0] - age, 0)
-        pack_into(aged, offset, ttl)
+        _TTL.pack_into(aged, offset, stale_ttl)
+    return bytes(aged)
+
+
+def lower_ttls(data: bytes, offsets: tuple[int, ...], by: int, base: int = 0) -> bytes:
+    """``data`` with the TTL at ``base`` + each offset lowered by ``by`` seconds, floor
+    0: a cached record's TTL counts down while it is held (RFC 1035 §3.2.1, §7.4)."""
+    if not by:
+        return data
+    aged = bytearray(data)
+    for offset in offsets:
+        offset += base
+        ttl = int.from_bytes(data[offset : offset + 4], "big") - by
+        aged[offset : offset + 4] = (ttl if ttl > 0 else 0).to_bytes(4, "big")
     return bytes(aged)
 
 

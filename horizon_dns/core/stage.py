@@ -43,6 +43,10 @@ class FastCache(Protocol):
     #: Set by the zone when this cache is its first stage: the zone then stores final replies.
     leading: bool
 
-    def serve_fresh(self, key: bytes) -> tuple[Packed, bytes, float] | None: ...
+    def serve_fresh(self, key: bytes) -> tuple[Packed, bytes, float, object, int] | None:
+        """(shape, aged body, expires, entry, age in seconds) of a fresh entry, or None."""
+
+    def current_age(self, key: bytes, entry: object) -> tuple[int, float] | None:
+        """(age, expires) while ``entry`` is still the fresh entry of ``key``, else None."""
 
     def store_final(self, query: Query, reply: Reply) -> None: ...

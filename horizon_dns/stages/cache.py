@@ -35,7 +35,7 @@ from horizon_dns.config.source import Section, as_bool, int_range
 from horizon_dns.core.bounded import remember
 from horizon_dns.core.encode import pack_reply
 from horizon_dns.core.message import Outcome, Query, Reply
-from horizon_dns.core.packed import Packed, aged_body
+from horizon_dns.core.packed import Packed, aged_body, lower_ttls
 from horizon_dns.core.stage import Next
 from horizon_dns.core.wire import CD, NOERROR, NXDOMAIN, SERVFAIL
 from horizon_dns.stages.context import BuildContext
@@ -138,25 +138,39 @@ class CacheStage:
 
     # The synchronous hot path ------------------------------------------------
 
-    def serve_fresh(self, key: bytes) -> tuple[Packed, bytes, float] | None:
-        """A fresh entry's shape (a Packed without body), its aged body and when it
-        expires; None on a miss."""
-        entries = self.entries
-        entry = entries.get(key)
+    def serve_fresh(self, key: bytes) -> tuple[Packed, bytes, float, Entry, int] | None:
+        """A fresh entry's shape (a Packed without body), its aged body, when it
+        expires, the entry itself and its age in whole seconds; None on a miss."""
+        entry = self.entries.get(key)
         if entry is None:
             return None
+        fresh = self._age(entry)
+        if fresh is None:
+            return None
+        age, expires = fresh
+        # The shape serves as the Packed: the hot path takes the body separately.
+        shape = entry.shape[0]
+        body = lower_ttls(entry.blob[_TIMES.size :], shape.ttl_offsets, age)
+        return shape, body, expires, entry, age
+
+    def current_age(self, key: bytes, entry: Entry) -> tuple[int, float] | None:
+        """``entry``'s age in whole seconds and when it expires, while it is still the
+        fresh entry of ``key``; None once it was replaced, evicted or expired. Lets a
+        reply built from the entry be reused with its TTLs lowered by the difference."""
+        if self.entries.get(key) is not entry:
+            return None
+        return self._age(entry)
+
+    def _age(self, entry: Entry) -> tuple[int, float] | None:
+        """A hit on ``entry``: its age and expiry, or None when it has expired."""
         now = self.clock()
-        blob = entry.blob
-        stored, expires = _TIMES.unpack_from(blob)
+        stored, expires = _TIMES.unpack_from(entry.blob)
         epoch = self.epoch
         if now >= epoch + expires / _TICKS:
             return None
         entry.used = True
         self.hits += 1
-        # The shape serves as the Packed: the hot path takes the body separately.
-        shape = entry.shape[0]
-        body = aged_body(shape, int(now - epoch - stored / _TICKS), body=blob[_TIMES.size :])
-        return shape, body, epoch + expires / _TICKS
+        return int(now - epoch - stored / _TICKS), epoch + expires / _TICKS
 
     # The stage ---------------------------------------------------------------
 
@@ -164,7 +178,7 @@ class CacheStage:
         key = query_key(query)
         fresh = self.serve_fresh(key)
         if fresh is not None:
-            packed, body, _expires = fresh
+            packed, body, _expires, _entry, _age = fresh
             query.note(f"  cache hit ({len(self.entries)} entries)")
             return Reply(
                 packed.rcode, self.name, self.entries[key].outcome, "cache:hit",
