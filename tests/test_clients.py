@@ -73,8 +73,6 @@ def udp_raw(host: str, port: int, data: bytes, timeout: float = TIMEOUT) -> byte
         return reply
 
 
-
-
 def framed(message: bytes) -> bytes:
     return struct.pack("!H", len(message)) + message
 

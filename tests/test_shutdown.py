@@ -106,8 +106,6 @@ def framed(message: bytes) -> bytes:
     return struct.pack("!H", len(message)) + message
 
 
-
-
 def closed_by_peer(sock: socket.socket) -> bool:
     try:
         return sock.recv(1) == b""
