@@ -79,39 +79,39 @@ class UdpListener(asyncio.DatagramProtocol):
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+        reply = self.immediate_reply(data, addr)
+        if reply is not None:
+            transport = self.transport
+            assert transport is not None
+            transport.sendto(reply, addr)
+
+    def immediate_reply(self, data: bytes, addr: tuple[str | int, ...]) -> bytes | None:
+        """The reply to send back at once -- a hot-path answer, a refusal, a slip or an
+        overload SERVFAIL -- or None: silence, or an answer from the full path, which
+        sends its own reply (at once when it needed no I/O)."""
         if not self.accepting:
-            return
-        transport = self.transport
-        assert transport is not None
+            return None
         client: str = addr[0]  # type: ignore[assignment]  # an IP string for AF_INET/AF_INET6
         policy = self.policy
         if self.acl is not None and not self.acl.allows(client):
             policy.refused += 1
             if policy.refuse_udp == "refused":
-                refusal = short_reply(data, REFUSED)
-                if refusal is not None:
-                    transport.sendto(refusal, addr)
-            return
+                return short_reply(data, REFUSED)
+            return None
         if not _is_loopback(client) and not policy.limiter.allow(client):
-            slip = short_reply(data, 0, truncated=True)
-            if slip is not None:
-                transport.sendto(slip, addr)
-            return
+            return short_reply(data, 0, truncated=True)
         # The hot path: a cached answer is sent from here, with no task and no await.
         reply = self.handler.fast_answer(data)
         if reply is not None:
-            transport.sendto(reply, addr)
-            return
+            return reply
         if len(self.inflight.tasks) >= policy.max_inflight:
             policy.overloaded += 1
-            overload = short_reply(data, SERVFAIL)
-            if overload is not None:
-                transport.sendto(overload, addr)
-            return
+            return short_reply(data, SERVFAIL)
         # Answered here when the pipeline needs no I/O; a task only if it must wait.
         task = start_eagerly(self._answer(data, addr))
         if task is not None:
             self.inflight.add(task)
+        return None
 
     async def _answer(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         reply = await self.handler.handle(data, (str(addr[0]), int(addr[1])), "udp")
@@ -178,7 +178,8 @@ class BatchedUdpListener(UdpListener):
 
     def _readable(self, transport: BatchTransport, addresses: dict[bytes, Address]) -> None:
         batch = transport.batch
-        received = self.datagram_received
+        immediate_reply = self.immediate_reply
+        queue = batch.queue
         for _round in range(self.ROUNDS):
             try:
                 count = batch.receive()
@@ -197,11 +198,14 @@ class BatchedUdpListener(UdpListener):
                         except ValueError:
                             continue
                         remember(addresses, name, addr, _ADDRESS_MEMO)
-                    transport.current = i
+                    transport.current = i  # a full-path answer sent meanwhile joins the batch
                     try:
-                        received(data, addr)
+                        reply = immediate_reply(data, addr)
                     except Exception:  # one datagram's bug must not drop the rest of the batch
                         log.exception("UDP datagram from %s failed", addr[0])
+                        continue
+                    if reply is not None:
+                        queue(i, reply)
             finally:
                 transport.current = -1
             batch.flush()
