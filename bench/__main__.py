@@ -432,6 +432,74 @@ def ratio_median(cell: Cell, ref: Cell | None, get: Callable[[Run], float]) -> f
     return statistics.median(ratios) if ratios else float("nan")
 
 
+def latency_ratio(cell: Cell, ref: Cell | None, p: float) -> float:
+    """Median over rounds of cell's p-th percentile latency over ref's, same round."""
+    if ref is None:
+        return float("nan")
+    ratios = []
+    for mine, theirs in zip(cell.latency, ref.latency, strict=False):
+        if mine.latencies and theirs.latencies:
+            ratios.append(percentile(mine.latencies, p) / percentile(theirs.latencies, p))
+    return statistics.median(ratios) if ratios else float("nan")
+
+
+def verdict(value: float, bound: float, at_least: bool) -> str:
+    """'met', or by how much ``value`` misses ``bound``."""
+    if value != value:
+        return "not measured"
+    if (value >= bound) if at_least else (value <= bound):
+        return "met"
+    return f"**missed by {abs(value - bound) / bound:.0%}**"
+
+
+def targets_section(cells: dict[str, Cell], mem: Memory | None, quick: bool) -> str:
+    """Issue #7's targets against this run: each figure and whether it holds."""
+    rows: list[list[str]] = []
+
+    def add(target: str, figure: str, value: float, bound: float, at_least: bool = True) -> None:
+        rows.append([target, figure, fmt(value), verdict(value, bound, at_least)])
+
+    def cell(name: str) -> Cell | None:
+        found = cells.get(name)
+        return found if found is not None and found.good_runs() else None
+
+    for key in ("hit", "hot"):
+        hz = cell(f"{key}/hz-cache")
+        if hz is None:
+            continue
+        for peer in ("dnsmasq", "unbound"):
+            add(f"UDP {key} QPS >= 1.0x {peer}", f"{key} × {peer}",
+                ratio_median(hz, cell(f"{key}/{peer}"), lambda r: r.qps), 1.0)  # fmt: skip
+        add(f"UDP {key} queries per CPU-s >= 0.9x dnsmasq", f"{key} per CPU-s × dnsmasq",
+            ratio_median(hz, cell(f"{key}/dnsmasq"), lambda r: r.per_cpu_second), 0.9)  # fmt: skip
+    miss = cell("miss/hz-nocache")
+    if miss is not None:
+        add("full-pipeline misses >= 0.25x dnsmasq", "miss × dnsmasq (hit cell)",
+            ratio_median(miss, cell("hit/dnsmasq"), lambda r: r.qps), 0.25)  # fmt: skip
+    tcp = cell("tcp/hz-cache")
+    if tcp is not None:
+        ratio = ratio_median(tcp, cell("tcp/unbound"), lambda r: r.qps)
+        add("TCP >= 2x unbound", "tcp × unbound", ratio, 2.0)
+    for key in ("hit", "hot", "tcp"):
+        hz = cell(f"{key}/hz-cache")
+        if hz is not None:
+            add("p99 at half load <= 1.2x dnsmasq's", f"{key}: p99 ÷ dnsmasq's p99",
+                latency_ratio(hz, cell(f"{key}/dnsmasq"), 99), 1.2, at_least=False)  # fmt: skip
+    ours = [c for name, c in cells.items() if name.split("/")[1].startswith("hz")]
+    lost = sum(r.lost for c in ours for r in c.runs + c.latency)
+    sent = sum(r.sent for c in ours for r in c.runs + c.latency)
+    rows.append(["0 lost queries in every run", f"horizon-dns: {lost} of {sent} lost", str(lost),
+                 "met" if lost == 0 else f"**missed: {lost} lost**"])  # fmt: skip
+    if mem is not None and not mem.error:
+        add("RSS <= 40 MiB idle", "idle VmRSS, MiB", mem.idle_kib / 1024, 40, at_least=False)
+        if quick:
+            rows.append(["RSS <= 64 MiB with 100k cached entries", "quick run: 10k names", "–", "not run"])
+        else:
+            add("RSS <= 64 MiB with 100k cached entries", "VmHWM after 100k names, MiB",
+                mem.hwm_kib / 1024, 64, at_least=False)  # fmt: skip
+    return table(["target", "figure", "this run", "verdict"], rows, "llrl")
+
+
 # Machine info -------------------------------------------------------------------------
 
 
@@ -746,6 +814,14 @@ def write_report(
         "",
         rounds_table(cells, args.rounds),
         "",
+        "## Against the targets of issue #7",
+        "",
+        "Ratios are medians of per-round ratios (rounds interleave the servers; this 2-core VM's "
+        "speed drifts by ±15% from minute to minute). What bounds each figure, and how runs of "
+        "different days compare: [NOTES.md](NOTES.md).",
+        "",
+        targets_section(cells, mem, args.quick),
+        "",
         "## Memory",
         "",
         memory_section(mem) if mem is not None else "Skipped (`--skip-memory`).\n",
@@ -906,6 +982,8 @@ def run(args: argparse.Namespace) -> int:
         all_servers = list(servers.values()) + [s for s in procs.servers if s.key == "hz-cache-100k"]
         table_text = write_report(args.output, info, args, cells, mem, problems, all_servers)
         print(table_text)
+        print()
+        print(targets_section(cells, mem, args.quick))
         print()
         if mem is not None and not mem.error:
             print(memory_section(mem))
