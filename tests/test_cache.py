@@ -398,3 +398,18 @@ def test_a_remembered_truncated_reply_is_renewed_unchanged(
     assert first is not None and dns.message.from_wire(first).flags & dns.flags.TC
     clock.now += 3.0
     assert handler.fast_answer(wire) == first
+
+
+def test_remembered_serves_only_a_valid_reply_and_nothing_while_the_query_log_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = Clock()
+    handler = hot_handler(tmp_path, HOT_RULES, clock, monkeypatch)
+    wire = dns.message.make_query("a.hot.test", "A").to_wire()
+    asyncio.run(handler.handle(wire, ("127.0.0.1", 1), "udp"))
+    assert handler.remembered(wire, clock.now) is None  # nothing remembered before fast_answer
+    fast = handler.fast_answer(wire)
+    assert fast is not None and handler.remembered(wire, clock.now) == fast
+    assert handler.remembered(wire, clock.now + 1.0) is None  # past its second: fast_answer renews
+    handler.fast_enabled = False  # the query log must see every query
+    assert handler.remembered(wire, clock.now) is None

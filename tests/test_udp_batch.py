@@ -8,6 +8,7 @@ import socket
 import struct
 from pathlib import Path
 
+import dns.flags
 import dns.message
 import dns.rcode
 import pytest
@@ -17,8 +18,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from horizon_dns.config.model import ListenAddress
+from horizon_dns.core.access import EdgePolicy
 from horizon_dns.core.handler import QueryHandler
-from horizon_dns.net import mmsg
+from horizon_dns.net import mmsg, udp
 from horizon_dns.net.server import DnsServer
 from horizon_dns.net.tcp import TcpLimits
 from horizon_dns.net.udp import BatchedUdpListener, UdpListener
@@ -228,3 +230,78 @@ def test_a_datagram_that_breaks_the_listener_costs_only_itself(tmp_path: Path) -
             await server.stop(1)
 
     assert asyncio.run(scenario()) == {12, 14}
+
+
+async def _ask(port: int, wire: bytes, timeout: float = 1.0) -> bytes | None:
+    loop = asyncio.get_running_loop()
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.setblocking(False)
+    try:
+        client.sendto(wire, ("127.0.0.1", port))
+        return await asyncio.wait_for(loop.sock_recv(client, 512), timeout)
+    except TimeoutError:
+        return None
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["mmsg", "asyncio"])
+def test_a_remembered_reply_still_obeys_the_allow_list_and_shutdown(tmp_path: Path, batched: bool) -> None:
+    # The batched listener answers a loopback client's repeated question from the
+    # reply memo before anything else; the allow list (changed by a reload) and a
+    # stop must still close that door.
+    config = config_from(tmp_path, RULES)
+    handler = QueryHandler(config.pipeline())
+    allowed = ListenAddress("127.0.0.1", 0, ("127.0.0.0/8",))
+    server = DnsServer(handler, [allowed], TcpLimits(), batched=batched)
+    wire = dns.message.make_query("n1.mydomain.tld", "A").to_wire()
+
+    async def scenario() -> tuple[bytes | None, bytes | None, bytes | None]:
+        await server.start()
+        port = server.bound[0].port
+        try:
+            await _ask(port, wire)  # cached, then remembered
+            remembered = await _ask(port, wire)
+            server.acls[0].update(["100.64.0.0/10"])  # what a reload of `allow` does
+            refused = await _ask(port, wire, 0.3)
+            server.acls[0].update(["127.0.0.0/8"])
+            for _transport, protocol in server.udp:
+                protocol.accepting = False  # what stop() does first
+            stopping = await _ask(port, wire, 0.3)
+            return remembered, refused, stopping
+        finally:
+            await server.stop(1)
+
+    remembered, refused, stopping = asyncio.run(scenario())
+    assert remembered is not None and dns.message.from_wire(remembered).answer
+    assert handler.fast_hits >= 1
+    assert refused is None and stopping is None
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["mmsg", "asyncio"])
+def test_a_client_off_loopback_is_rate_limited_before_its_remembered_reply(
+    tmp_path: Path, batched: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only loopback clients skip the rate limiter. Tests may send only to loopback,
+    # so the listener is told that no address is: with one token a second, the
+    # second question gets the TC=1 slip although its reply is remembered.
+    monkeypatch.setattr(udp, "_is_loopback", lambda ip: False)
+    config = config_from(tmp_path, RULES)
+    handler = QueryHandler(config.pipeline())
+    policy = EdgePolicy(rate_qps=1, rate_burst=1)
+    server = DnsServer(handler, [ListenAddress("127.0.0.1", 0)], TcpLimits(), policy, batched=batched)
+    wire = dns.message.make_query("n1.mydomain.tld", "A").to_wire()
+
+    async def scenario() -> list[bytes | None]:
+        await server.start()
+        try:
+            await handler.handle(wire, None, "udp")
+            assert handler.fast_answer(wire) is not None  # remembered from now on
+            return [await _ask(server.bound[0].port, wire) for _ in range(2)]
+        finally:
+            await server.stop(1)
+
+    first, second = (dns.message.from_wire(r) for r in asyncio.run(scenario()) if r is not None)
+    assert first.answer and not first.flags & dns.flags.TC
+    assert second.flags & dns.flags.TC and not second.answer
+    assert policy.limiter.limited == 1

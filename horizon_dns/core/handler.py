@@ -5,7 +5,8 @@ bytes, or None when the message deserves silence (too short, QR=1). It never
 raises: a stage that raises is logged and answered with SERVFAIL, so every
 transport can stay a thin loop around this call.
 
-``QueryHandler.fast_answer(data, tcp)`` is the synchronous hot path: for the
+``QueryHandler.fast_answer(data, tcp)`` is the synchronous hot path (and
+``remembered(data, now)`` its first step alone, for a batch): for the
 common query shape (one question, at most an OPT right behind it) in a zone whose
 first stage is a cache holding a fresh entry, it returns the reply bytes without
 decoding to objects, creating a task or awaiting; for anything else it returns
@@ -158,6 +159,20 @@ class QueryHandler:
         self._pipeline = pipeline
         self._memo = {}
         self._memo_tcp = {}
+
+    def remembered(self, data: bytes, now: float) -> bytes | None:
+        """The UDP reply remembered for ``data`` and still valid at ``now``, or None.
+
+        The first try of the batched listener, for clients it has already screened:
+        one dict lookup, no parsing. Everything else (renewal included) is
+        ``fast_answer``'s."""
+        if not self.fast_enabled:
+            return None
+        remembered = self._memo.get(data[2:])
+        if remembered is None or remembered[0] <= now:
+            return None
+        self.fast_hits += 1
+        return data[:2] + remembered[1]
 
     def fast_answer(self, data: bytes, tcp: bool = False) -> bytes | None:
         """The reply from a leading cache's fresh entry, or None to take the full path."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from time import monotonic
 from typing import Any, cast
 
 from horizon_dns.core.access import Acl, EdgePolicy
@@ -171,15 +172,19 @@ class BatchedUdpListener(UdpListener):
         """Start reading ``sock`` (non-blocking, bound) on the running loop."""
         transport = BatchTransport(sock, DatagramBatch(sock, self.SLOTS))
         self.transport = cast(asyncio.DatagramTransport, transport)
-        # Raw sockaddr -> the tuple sendto takes; stub resolvers reuse few source ports.
-        addresses: dict[bytes, Address] = {}
-        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable, transport, addresses)
+        # Raw sockaddr -> (the tuple sendto takes, whether it is loopback): stub
+        # resolvers reuse few source ports, so each is decoded once.
+        senders: dict[bytes, tuple[Address, bool]] = {}
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable, transport, senders)
         return transport
 
-    def _readable(self, transport: BatchTransport, addresses: dict[bytes, Address]) -> None:
+    def _readable(self, transport: BatchTransport, senders: dict[bytes, tuple[Address, bool]]) -> None:
         batch = transport.batch
-        immediate_reply = self.immediate_reply
+        message = batch.message
         queue = batch.queue
+        immediate_reply = self.immediate_reply
+        remembered = self.handler.remembered
+        acl = self.acl
         for _round in range(self.ROUNDS):
             try:
                 count = batch.receive()
@@ -188,16 +193,27 @@ class BatchedUdpListener(UdpListener):
                 return
             if not count:
                 return
+            now = monotonic()
+            shortcut = self.accepting
             try:
                 for i in range(count):
-                    data, name = batch.message(i)
-                    addr = addresses.get(name)
-                    if addr is None:
+                    data, name = message(i)
+                    sender = senders.get(name)
+                    if sender is None:
                         try:
-                            addr = decode_address(name)
+                            address = decode_address(name)
                         except ValueError:
                             continue
-                        remember(addresses, name, addr, _ADDRESS_MEMO)
+                        sender = remember(senders, name, (address, _is_loopback(address[0])), _ADDRESS_MEMO)
+                    addr, loopback = sender
+                    # The local stub resolver's repeated questions: a loopback client the
+                    # allow list admits is never rate limited, so its remembered reply
+                    # needs no other screening. A miss goes the whole way below.
+                    if shortcut and loopback and (acl is None or acl.allows(addr[0])):
+                        reply = remembered(data, now)
+                        if reply is not None:
+                            queue(i, reply)
+                            continue
                     transport.current = i  # a full-path answer sent meanwhile joins the batch
                     try:
                         reply = immediate_reply(data, addr)
