@@ -41,7 +41,7 @@ def test_non_loopback_listen_needs_an_allow_list(tmp_path: Path) -> None:
 def test_acl_and_rate_limiter() -> None:
     acl = Acl(["100.64.0.0/10", "fd7a:115c:a1e0::/48"])
     assert acl.allows("100.64.0.5") and acl.allows("fd7a:115c:a1e0::9") and acl.allows("::ffff:100.64.0.5")
-    assert not acl.allows("192.0.2.1") and not acl.allows("garbage") and acl.denied == 2
+    assert not acl.allows("192.0.2.1") and not acl.allows("garbage")
     now = [0.0]
     limiter = RateLimiter(qps=10, burst=5, clock=lambda: now[0])
     assert [limiter.allow("a") for _ in range(7)] == [True] * 5 + [False, False]

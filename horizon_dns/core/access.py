@@ -24,7 +24,6 @@ class Acl:
     """An allow list of networks."""
 
     def __init__(self, networks: Iterable[str]) -> None:
-        self.denied = 0
         self.update(networks)
 
     def update(self, networks: Iterable[str]) -> None:
@@ -45,8 +44,6 @@ class Acl:
                 address.version == n.version and address in n for n in self.networks
             )
             remember(self._memo, ip, verdict, _MEMO_LIMIT)
-        if not verdict:
-            self.denied += 1
         return verdict
 
 
