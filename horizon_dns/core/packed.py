@@ -265,16 +265,12 @@ def response_flags(query_flags: int, packed_flags: int, rcode: int, recursion_av
     return flags
 
 
-def aged_body(packed: Packed, age: int, stale_ttl: int | None = None, body: bytes | None = None) -> bytes:
-    """The body (``packed``'s, or ``body`` of that shape) with every TTL lowered by
-    ``age`` (floor 0), or set to ``stale_ttl``."""
-    if body is None:
-        body = packed.body
-    if stale_ttl is None:
-        return lower_ttls(body, packed.ttl_offsets, age)
-    aged = bytearray(body)
-    for offset in packed.ttl_offsets:
-        _TTL.pack_into(aged, offset, stale_ttl)
+def with_ttls(data: bytes, offsets: tuple[int, ...], ttl: int) -> bytes:
+    """``data`` with the TTL at each offset set to ``ttl`` (a stale answer's 30 s,
+    RFC 8767 §4)."""
+    aged = bytearray(data)
+    for offset in offsets:
+        _TTL.pack_into(aged, offset, ttl)
     return bytes(aged)
 
 

@@ -35,7 +35,7 @@ from horizon_dns.config.source import Section, as_bool, int_range
 from horizon_dns.core.bounded import remember
 from horizon_dns.core.encode import pack_reply
 from horizon_dns.core.message import Outcome, Query, Reply
-from horizon_dns.core.packed import Packed, aged_body, lower_ttls
+from horizon_dns.core.packed import Packed, lower_ttls, with_ttls
 from horizon_dns.core.stage import Next
 from horizon_dns.core.wire import CD, NOERROR, NXDOMAIN, SERVFAIL
 from horizon_dns.stages.context import BuildContext
@@ -221,7 +221,7 @@ class CacheStage:
         self.stale_served += 1
         query.note("  what follows failed: serving the expired entry (RFC 8767)")
         shape = entry.shape[0]
-        body = aged_body(shape, 0, STALE_TTL, body=entry.blob[_TIMES.size :])
+        body = with_ttls(entry.blob[_TIMES.size :], shape.ttl_offsets, STALE_TTL)
         packed = replace(shape, body=body, ede=(EDE_STALE_ANSWER, "stale answer: upstreams failed"))
         return Reply(packed.rcode, self.name, entry.outcome, "cache:stale", packed=packed)
 
