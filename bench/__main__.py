@@ -14,7 +14,8 @@ Method (the one of ../shared/bench/README.md):
   /proc/PID/stat before and after each measured run -> CPU µs per query and
   queries per server CPU-second (the fair figure once dnsperf saturates its CPU);
 * latency: right after each closed-loop run, an open-loop run of the same length
-  at 50% of the QPS it reached (``-Q RATE -v``); p50/p99 from dnsperf's per-query
+  at 50% of the QPS it reached (``-Q RATE -v``), then a 2 s one at light load
+  (2,000 QPS, or a tenth of that QPS if less); p50/p99 from dnsperf's per-query
   lines ``> NOERROR h1.svc.mydomain.test A 0.000117`` (the last field is seconds),
   then the median over rounds;
 * memory: VmHWM (peak RSS) of each server at the end; and a separate horizon-dns
@@ -53,6 +54,9 @@ ZONE = "svc.mydomain.test"
 ANSWER = bytes([100, 64, 0, 7])  # 100.64.0.7, what every server answers
 APT_LINE = "apt-get install -y dnsperf dnsmasq unbound"
 CLIENTS, OUTSTANDING, TIMEOUT = 10, 100, 2
+# Light load: a rate every server takes in its stride (a tenth of its maximum at most),
+# for long enough that p99 rests on ~40 queries.
+LIGHT_QPS, LIGHT_SECONDS = 2000, 2.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -375,7 +379,8 @@ class Cell:
     qfile: Path
     tcp: bool
     runs: list[Run] = field(default_factory=list)
-    latency: list[Run] = field(default_factory=list)  # open loop, one per round
+    latency: list[Run] = field(default_factory=list)  # open loop at half load, one per round
+    light: list[Run] = field(default_factory=list)  # open loop at light load, one per round
     skipped: str = ""
 
     @property
@@ -389,9 +394,10 @@ class Cell:
         values = [get(r) for r in self.good_runs()]
         return statistics.median(values) if values else float("nan")
 
-    def latency_us(self, p: float) -> float:
-        """Median over rounds of the p-th percentile latency, in µs."""
-        values = [percentile(r.latencies, p) * 1e6 for r in self.latency if r.latencies]
+    def latency_us(self, p: float, light: bool = False) -> float:
+        """Median over rounds of the p-th percentile latency (half or light load), in µs."""
+        runs = self.light if light else self.latency
+        values = [percentile(r.latencies, p) * 1e6 for r in runs if r.latencies]
         return statistics.median(values) if values else float("nan")
 
 
@@ -486,8 +492,8 @@ def targets_section(cells: dict[str, Cell], mem: Memory | None, quick: bool) -> 
             add("p99 at half load <= 1.2x dnsmasq's", f"{key}: p99 ÷ dnsmasq's p99",
                 latency_ratio(hz, cell(f"{key}/dnsmasq"), 99), 1.2, at_least=False)  # fmt: skip
     ours = [c for name, c in cells.items() if name.split("/")[1].startswith("hz")]
-    lost = sum(r.lost for c in ours for r in c.runs + c.latency)
-    sent = sum(r.sent for c in ours for r in c.runs + c.latency)
+    lost = sum(r.lost for c in ours for r in c.runs + c.latency + c.light)
+    sent = sum(r.sent for c in ours for r in c.runs + c.latency + c.light)
     rows.append(["0 lost queries in every run", f"horizon-dns: {lost} of {sent} lost", str(lost),
                  "met" if lost == 0 else f"**missed: {lost} lost**"])  # fmt: skip
     if mem is not None and not mem.error:
@@ -581,8 +587,8 @@ def table(header: list[str], rows: list[list[str]], align: str) -> str:
 def results_table(cells: dict[str, Cell]) -> str:
     header = [
         "scenario", "server", "QPS", "× dnsmasq", "× unbound", "server CPU %", "CPU µs/query",
-        "queries per CPU-s", "per CPU-s × dnsmasq", "per CPU-s × unbound", "lost", "p50/p99 µs @50%",
-        "peak RSS MiB",
+        "queries per CPU-s", "per CPU-s × dnsmasq", "per CPU-s × unbound", "lost", "p50/p99 µs light",
+        "p50/p99 µs @50%", "peak RSS MiB",
     ]  # fmt: skip
     rows = []
     for scenario in SCENARIOS:
@@ -594,7 +600,7 @@ def results_table(cells: dict[str, Cell]) -> str:
             dnsmasq = cells.get(f"{scenario.references}/dnsmasq")
             unbound = cells.get(f"{scenario.references}/unbound")
             if cell.skipped or not cell.good_runs():
-                rows.append([scenario.key, server.label, f"**{cell.skipped or 'no result'}**"] + ["–"] * 10)
+                rows.append([scenario.key, server.label, f"**{cell.skipped or 'no result'}**"] + ["–"] * 11)
                 continue
             qps = cell.median(lambda r: r.qps)
             cpu_pct = cell.median(lambda r: 100 * r.cpu_s / r.runtime if r.runtime else float("nan"))
@@ -608,9 +614,11 @@ def results_table(cells: dict[str, Cell]) -> str:
             sent = sum(r.sent for r in cell.runs)
             bad = sum(r.not_noerror for r in cell.runs)
             lost_text = f"{lost}/{sent}" + (f", {bad} not NOERROR" if bad else "")
-            lat = "–"
+            lat = light = "–"
             if any(r.latencies for r in cell.latency):
                 lat = f"{cell.latency_us(50):.0f}/{cell.latency_us(99):.0f}"
+            if any(r.latencies for r in cell.light):
+                light = f"{cell.latency_us(50, light=True):.0f}/{cell.latency_us(99, light=True):.0f}"
             is_peer = key in ("dnsmasq", "unbound")
             rows.append([
                 scenario.key,
@@ -624,10 +632,11 @@ def results_table(cells: dict[str, Cell]) -> str:
                 fmt(ratio_median(cell, dnsmasq, lambda r: r.per_cpu_second)),
                 fmt(ratio_median(cell, unbound, lambda r: r.per_cpu_second)),
                 lost_text,
+                light,
                 lat,
                 mib(server.peak_rss_kib) if (is_peer and scenario.key == "hit") or not is_peer else "″",
             ])  # fmt: skip
-    return table(header, rows, "llrrrrrrrrrrr")
+    return table(header, rows, "llrrrrrrrrrrrr")
 
 
 def rounds_table(cells: dict[str, Cell], rounds: int) -> str:
@@ -776,7 +785,7 @@ def write_report(
         "# horizon-dns benchmark: against dnsmasq and unbound",
         "",
         f"Written by {kind}. Regenerate with `python -m bench` from the repository root "
-        "(about 8 minutes; `--quick`: one short round and 10k names in the memory test, about 1.5 "
+        "(about 9 minutes; `--quick`: one short round and 10k names in the memory test, about 1.5 "
         "minutes).",
         "",
         "## Machine",
@@ -796,8 +805,9 @@ def write_report(
         "over the run time (100 = the server's core is saturated; below that dnsperf, on the other core, "
         "is the limit); **CPU µs/query** and **queries per CPU-s** the server's utime+stime per answered "
         "query (the fair comparison once dnsperf saturates its core, about 150-170k QPS here); "
-        "**lost** over all closed-loop runs; **p50/p99** from an open-loop run after each closed-loop "
-        "one (`-Q` at 50% of the QPS it reached, `-v` per-query latencies), median over rounds; "
+        "**lost** over all closed-loop runs; **p50/p99** from open-loop runs after each closed-loop "
+        "one (`-v` per-query latencies; **light**: 2 s at 2,000 QPS, or a tenth of the closed loop's QPS "
+        "if less; **@50%**: as long as the closed loop, at half its QPS), median over rounds; "
         "**peak RSS** VmHWM at the end of the run (the peers' row is shown once).",
         "",
         "Scenarios: **hit** horizon-dns with `cache` first and a template behind it (after the first "
@@ -934,20 +944,24 @@ def run(args: argparse.Namespace) -> int:
                         + (f", response codes {result.rcodes}" if result.not_noerror else "")
                     )
                 if not result.error and check_after(server, problems, f"{cell.name} round {round_no + 1}"):
-                    # Open loop at half of what this round's closed loop reached: latency.
-                    rate = max(100, int(result.qps / 2))
-                    latency = perf.run(
-                        server, cell.qfile, args.seconds, tcp=cell.tcp, rate=rate, verbose=True
-                    )
-                    cell.latency.append(latency)
-                    if latency.error:
-                        problems.append(f"{cell.name} round {round_no + 1} latency run: {latency.error}")
-                    elif latency.lost or latency.not_noerror:
-                        problems.append(
-                            f"{cell.name} round {round_no + 1} latency run at {rate} QPS: {latency.lost} of "
-                            f"{latency.sent} lost"
-                            + (f", response codes {latency.rcodes}" if latency.not_noerror else "")
-                        )
+                    # Open loop at half of what this round's closed loop reached, then at a
+                    # light load no server is near its limit at: latency.
+                    half = max(100, int(result.qps / 2))
+                    light = min(LIGHT_QPS, max(100, int(result.qps / 10)))
+                    for rate, seconds, runs, what in (
+                        (half, args.seconds, cell.latency, "half-load"),
+                        (light, min(args.seconds, LIGHT_SECONDS), cell.light, "light-load"),
+                    ):
+                        latency = perf.run(server, cell.qfile, seconds, tcp=cell.tcp, rate=rate, verbose=True)
+                        runs.append(latency)
+                        if latency.error:
+                            problems.append(f"{cell.name} round {round_no + 1} {what} run: {latency.error}")
+                        elif latency.lost or latency.not_noerror:
+                            problems.append(
+                                f"{cell.name} round {round_no + 1} {what} run at {rate} QPS: {latency.lost} "
+                                f"of {latency.sent} lost"
+                                + (f", response codes {latency.rcodes}" if latency.not_noerror else "")
+                            )
                 check_after(server, problems, f"{cell.name} round {round_no + 1}")
                 if server.upstream is not None:
                     check_after(server.upstream, problems, f"{cell.name} round {round_no + 1}")

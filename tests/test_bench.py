@@ -147,3 +147,11 @@ def test_the_listener_harness_answers_every_datagram_of_its_batches() -> None:
     result = asyncio.run(measure(rounds=2, batch=600))
     assert 0 < result["best"] <= result["median"]
     assert result["user"] >= 0 and result["system"] >= 0
+
+
+def test_light_and_half_load_latencies_are_kept_apart() -> None:
+    made = cell("hit/hz-cache", [100, 100, 100], [300, 500, 400])
+    made.light = [Run(latencies=[50e-6] * 98 + [p * 1e-6] * 2) for p in (90, 70, 80)]
+    assert made.latency_us(99) == pytest.approx(400)  # half load: median of 300, 500, 400
+    assert made.latency_us(99, light=True) == pytest.approx(80)
+    assert made.latency_us(50, light=True) == pytest.approx(50)
