@@ -338,15 +338,26 @@ def test_remembered_replies_differ_only_in_id_and_end_with_a_reload(tmp_path: Pa
     assert handler.fast_answer(first.to_wire()) is None  # nothing remembered across a reload
 
 
-def hot_handler(tmp_path: Path, rules: str, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> QueryHandler:
-    """A handler whose reply memo and leading cache both run on ``clock``."""
-    monkeypatch.setattr(handler_module, "monotonic", clock)
-    handler = QueryHandler(config_from(tmp_path, rules).pipeline())
+def leading_cache(handler: QueryHandler) -> CacheStage:
     found = handler.pipeline.zone_for_wire(text_to_name("hot.test."))
     assert found is not None and isinstance(found[1], CacheStage)
-    found[1].clock = clock
-    found[1].epoch = clock.now
-    return handler
+    return found[1]
+
+
+def cached_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rules: str = HOT_RULES, query: bytes | None = None
+) -> tuple[Clock, QueryHandler, bytes]:
+    """A handler whose reply memo and leading cache run on one test clock, and the
+    query (``a.hot.test A`` unless given) it has answered once by the full path."""
+    clock = Clock()
+    monkeypatch.setattr(handler_module, "monotonic", clock)
+    handler = QueryHandler(config_from(tmp_path, rules).pipeline())
+    cache = leading_cache(handler)
+    cache.clock = clock
+    cache.epoch = clock.now
+    wire = query if query is not None else dns.message.make_query("a.hot.test", "A").to_wire()
+    asyncio.run(handler.handle(wire, ("127.0.0.1", 1), "udp"))
+    return clock, handler, wire
 
 
 def test_a_remembered_reply_ages_with_its_cache_entry(
@@ -354,10 +365,8 @@ def test_a_remembered_reply_ages_with_its_cache_entry(
 ) -> None:
     # The memo keeps a reply for under a second, then lowers its TTLs in place: the
     # bytes must stay those of a reply built afresh from the entry (RFC 1035 §3.2.1).
-    clock = Clock()
-    handler = hot_handler(tmp_path, HOT_RULES, clock, monkeypatch)
-    wire = dns.message.make_query("A.hot.test", "A", use_edns=0).to_wire()
-    asyncio.run(handler.handle(wire, ("127.0.0.1", 1), "udp"))
+    query = dns.message.make_query("A.hot.test", "A", use_edns=0).to_wire()
+    clock, handler, wire = cached_once(tmp_path, monkeypatch, query=query)
     for age in (0, 1, 2, 7, 59):
         clock.now = 1000.0 + age + 0.05
         remembered = handler.fast_answer(wire)
@@ -371,14 +380,9 @@ def test_a_remembered_reply_ages_with_its_cache_entry(
 def test_a_remembered_reply_goes_with_its_evicted_entry(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    clock = Clock()
-    handler = hot_handler(tmp_path, HOT_RULES, clock, monkeypatch)
-    wire = dns.message.make_query("a.hot.test", "A").to_wire()
-    asyncio.run(handler.handle(wire, ("127.0.0.1", 1), "udp"))
+    clock, handler, wire = cached_once(tmp_path, monkeypatch)
     assert handler.fast_answer(wire) is not None
-    found = handler.pipeline.zone_for_wire(text_to_name("hot.test."))
-    assert found is not None and isinstance(found[1], CacheStage)
-    found[1].entries.clear()
+    leading_cache(handler).entries.clear()
     clock.now += 1.0
     assert handler.fast_answer(wire) is None
 
@@ -390,10 +394,7 @@ def test_a_remembered_truncated_reply_is_renewed_unchanged(
     # renewing it must touch none of its bytes (RFC 2181 §9).
     answers = ", ".join(f"'{{{{ name }}}} 60 IN A 192.0.2.{i}'" for i in range(40))
     rules = HOT_RULES.replace("['{{ name }} 60 IN A 192.0.2.7']", f"[{answers}]")
-    clock = Clock()
-    handler = hot_handler(tmp_path, rules, clock, monkeypatch)
-    wire = dns.message.make_query("a.hot.test", "A").to_wire()
-    asyncio.run(handler.handle(wire, ("127.0.0.1", 1), "udp"))
+    clock, handler, wire = cached_once(tmp_path, monkeypatch, rules)
     first = handler.fast_answer(wire)
     assert first is not None and dns.message.from_wire(first).flags & dns.flags.TC
     clock.now += 3.0
@@ -403,10 +404,7 @@ def test_a_remembered_truncated_reply_is_renewed_unchanged(
 def test_remembered_serves_only_a_valid_reply_and_nothing_while_the_query_log_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    clock = Clock()
-    handler = hot_handler(tmp_path, HOT_RULES, clock, monkeypatch)
-    wire = dns.message.make_query("a.hot.test", "A").to_wire()
-    asyncio.run(handler.handle(wire, ("127.0.0.1", 1), "udp"))
+    clock, handler, wire = cached_once(tmp_path, monkeypatch)
     assert handler.remembered(wire, clock.now) is None  # nothing remembered before fast_answer
     fast = handler.fast_answer(wire)
     assert fast is not None and handler.remembered(wire, clock.now) == fast
