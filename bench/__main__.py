@@ -14,10 +14,10 @@ Method (the one of ../shared/bench/README.md):
   /proc/PID/stat before and after each measured run -> CPU µs per query and
   queries per server CPU-second (the fair figure once dnsperf saturates its CPU);
 * latency: right after each closed-loop run, an open-loop run of the same length
-  at 50% of the QPS it reached (``-Q RATE -v``), then a 2 s one at light load
-  (2,000 QPS, or a tenth of that QPS if less); p50/p99 from dnsperf's per-query
-  lines ``> NOERROR h1.svc.mydomain.test A 0.000117`` (the last field is seconds),
-  then the median over rounds;
+  at 50% of the QPS it reached (``-Q RATE -v``), then a 2 s one (1 s with
+  ``--quick``) at light load (2,000 QPS, or a tenth of that QPS if less); p50/p99
+  from dnsperf's per-query lines ``> NOERROR h1.svc.mydomain.test A 0.000117``
+  (the last field is seconds), then the median over rounds;
 * memory: VmHWM (peak RSS) of each server at the end; and a separate horizon-dns
   with room for 100k cache entries: VmRSS idle, after 100k distinct names, and
   after a second (all-hit) pass over them.
@@ -55,7 +55,7 @@ ANSWER = bytes([100, 64, 0, 7])  # 100.64.0.7, what every server answers
 APT_LINE = "apt-get install -y dnsperf dnsmasq unbound"
 CLIENTS, OUTSTANDING, TIMEOUT = 10, 100, 2
 # Light load: a rate every server takes in its stride (a tenth of its maximum at most),
-# for long enough that p99 rests on ~40 queries.
+# for long enough that p99 rests on ~40 queries (~20 in a --quick run, 1 s long).
 LIGHT_QPS, LIGHT_SECONDS = 2000, 2.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -806,8 +806,9 @@ def write_report(
         "is the limit); **CPU µs/query** and **queries per CPU-s** the server's utime+stime per answered "
         "query (the fair comparison once dnsperf saturates its core, about 150-170k QPS here); "
         "**lost** over all closed-loop runs; **p50/p99** from open-loop runs after each closed-loop "
-        "one (`-v` per-query latencies; **light**: 2 s at 2,000 QPS, or a tenth of the closed loop's QPS "
-        "if less; **@50%**: as long as the closed loop, at half its QPS), median over rounds; "
+        "one (`-v` per-query latencies; **light**: 2 s (1 s with `--quick`) at 2,000 QPS, or a tenth "
+        "of the closed loop's QPS if less; **@50%**: as long as the closed loop, at half its QPS), "
+        "median over rounds; "
         "**peak RSS** VmHWM at the end of the run (the peers' row is shown once).",
         "",
         "Scenarios: **hit** horizon-dns with `cache` first and a template behind it (after the first "
@@ -950,7 +951,7 @@ def run(args: argparse.Namespace) -> int:
                     light = min(LIGHT_QPS, max(100, int(result.qps / 10)))
                     for rate, seconds, runs, what in (
                         (half, args.seconds, cell.latency, "half-load"),
-                        (light, min(args.seconds, LIGHT_SECONDS), cell.light, "light-load"),
+                        (light, min(args.seconds / 2, LIGHT_SECONDS), cell.light, "light-load"),
                     ):
                         latency = perf.run(server, cell.qfile, seconds, tcp=cell.tcp, rate=rate, verbose=True)
                         runs.append(latency)
