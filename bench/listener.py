@@ -25,36 +25,27 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from bench.__main__ import ANSWER, CONFIGS, dns_query, horizon_dir, names
 from horizon_dns.config.model import load_config
 from horizon_dns.core.handler import QueryHandler
-from horizon_dns.core.names import text_to_name
 from horizon_dns.net import mmsg
 from horizon_dns.net.udp import BatchedUdpListener, InFlight
 
-HERE = Path(__file__).resolve().parent
-NAMES = 1000
+QUERIES = names(1000)  # what the benchmark's 1,000-name scenario asks
 
 
-def query(i: int, msg_id: int) -> bytes:
-    """``hN.svc.mydomain.test A`` with RD, no EDNS: what dnsperf sends."""
-    header = msg_id.to_bytes(2, "big") + b"\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"
-    return header + text_to_name(f"h{i}.svc.mydomain.test.") + b"\x00\x01\x00\x01"
-
-
-def handler_for_bench(folder: Path) -> QueryHandler:
+def handler_for_bench(tmp: Path) -> QueryHandler:
     """The handler of the benchmark's cache scenario (a cache, then the template)."""
-    (folder / "rules").mkdir()
-    (folder / "rules" / "10-bench.yaml").write_text((HERE / "configs" / "rules-cache.yaml").read_text())
-    (folder / "server.yaml").write_text('listen: ["127.0.0.1:0"]\nrules: rules\n')
-    return QueryHandler(load_config(folder / "server.yaml").pipeline())
+    config = horizon_dir(tmp, "listener", 0, (CONFIGS / "rules-cache.yaml").read_text())
+    return QueryHandler(load_config(config).pipeline())
 
 
 async def measure(rounds: int, batch: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="horizon-listener-") as tmp:
         handler = handler_for_bench(Path(tmp))
-        for i in range(NAMES):  # cache every name, then remember every reply
-            await handler.handle(query(i, 0), ("127.0.0.1", 1), "udp")
-            handler.fast_answer(query(i, 0))
+        for name in QUERIES:  # cache every name, then remember every reply
+            await handler.handle(dns_query(name, 0), ("127.0.0.1", 1), "udp")
+            handler.fast_answer(dns_query(name, 0))
     server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
@@ -72,7 +63,7 @@ async def measure(rounds: int, batch: int) -> dict[str, float]:
         for round_no in range(rounds):
             first = round_no * batch
             for k in range(batch):
-                client.sendto(query((first + k) % NAMES, k), destination)
+                client.sendto(dns_query(QUERIES[(first + k) % len(QUERIES)], k), destination)
             before = resource.getrusage(resource.RUSAGE_SELF)
             started = time.perf_counter()
             listener._readable(transport, senders)  # up to ROUNDS x SLOTS datagrams a call
@@ -85,7 +76,7 @@ async def measure(rounds: int, batch: int) -> dict[str, float]:
             per_datagram.append(elapsed / batch)
             for k in range(batch):
                 reply = client.recv(512)
-                if reply[:2] != k.to_bytes(2, "big") or not reply.endswith(bytes([100, 64, 0, 7])):
+                if reply[:2] != k.to_bytes(2, "big") or not reply.endswith(ANSWER):
                     raise SystemExit(f"round {round_no}: reply {k} is wrong: {reply!r}")
         total = rounds * batch
         return {
