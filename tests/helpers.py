@@ -1,7 +1,8 @@
-"""Sans-I/O helpers: build configs from YAML text and queries from names."""
+"""Test helpers: configs from YAML text, queries from names, small loopback exchanges."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import struct
 import textwrap
@@ -66,3 +67,18 @@ def tcp_read(sock: socket.socket) -> bytes:
     """One length-prefixed DNS message from a TCP stream (RFC 1035 §4.2.2)."""
     (length,) = struct.unpack("!H", recv_exactly(sock, 2))
     return recv_exactly(sock, length)
+
+
+async def udp_exchange(port: int, wire: bytes, timeout: float) -> bytes | None:
+    """Send ``wire`` to 127.0.0.1:``port`` over UDP; the reply, or None after ``timeout``."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        await loop.sock_sendall(sock, wire)
+        return await asyncio.wait_for(loop.sock_recv(sock, 4096), timeout)
+    except TimeoutError:
+        return None
+    finally:
+        sock.close()

@@ -15,7 +15,7 @@ import dns.rcode
 import pytest
 from conftest import SEED_RULES, start_server
 from fakeupstream import fake_upstream
-from helpers import config_from
+from helpers import config_from, udp_exchange
 
 from horizon_dns.config.model import ListenAddress
 from horizon_dns.core.access import Acl, EdgePolicy, RateLimiter
@@ -73,20 +73,6 @@ def _serve(
 LISTENERS = pytest.mark.parametrize("batched", [True, False], ids=["mmsg", "asyncio"])
 
 
-async def _udp(port: int, wire: bytes, timeout: float = 0.5) -> bytes | None:
-    loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setblocking(False)
-    try:
-        await loop.sock_connect(sock, ("127.0.0.1", port))
-        await loop.sock_sendall(sock, wire)
-        return await asyncio.wait_for(loop.sock_recv(sock, 4096), timeout)
-    except TimeoutError:
-        return None
-    finally:
-        sock.close()
-
-
 @LISTENERS
 @pytest.mark.parametrize("refuse", ["silence", "refused"])
 def test_clients_outside_the_allow_list_get_silence_or_refused(
@@ -100,7 +86,7 @@ def test_clients_outside_the_allow_list_get_silence_or_refused(
         try:
             port = server.bound[0].port
             wire = dns.message.make_query("nodeb.mydomain.tld", "A").to_wire()
-            udp = await _udp(port, wire)
+            udp = await udp_exchange(port, wire, 0.5)
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(struct.pack("!H", len(wire)) + wire)
             (length,) = struct.unpack("!H", await reader.readexactly(2))
@@ -139,9 +125,8 @@ def test_in_flight_cap_sheds_load_with_servfail(tmp_path: Path, batched: bool) -
             await server.start()
             try:
                 port = server.bound[0].port
-                asks = [
-                    _udp(port, dns.message.make_query(f"n{i}.test", "A").to_wire(), 3.0) for i in range(12)
-                ]
+                queries = [dns.message.make_query(f"n{i}.test", "A").to_wire() for i in range(12)]
+                asks = [udp_exchange(port, wire, 3.0) for wire in queries]
                 return await asyncio.gather(*asks)
             finally:
                 await server.stop(3)

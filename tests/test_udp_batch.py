@@ -13,7 +13,7 @@ import dns.message
 import dns.rcode
 import pytest
 from conftest import tools_required
-from helpers import config_from
+from helpers import config_from, udp_exchange
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -232,19 +232,6 @@ def test_a_datagram_that_breaks_the_listener_costs_only_itself(tmp_path: Path) -
     assert asyncio.run(scenario()) == {12, 14}
 
 
-async def _ask(port: int, wire: bytes, timeout: float = 1.0) -> bytes | None:
-    loop = asyncio.get_running_loop()
-    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    client.setblocking(False)
-    try:
-        client.sendto(wire, ("127.0.0.1", port))
-        return await asyncio.wait_for(loop.sock_recv(client, 512), timeout)
-    except TimeoutError:
-        return None
-    finally:
-        client.close()
-
-
 @pytest.mark.parametrize("batched", [True, False], ids=["mmsg", "asyncio"])
 def test_a_remembered_reply_still_obeys_the_allow_list_and_shutdown(tmp_path: Path, batched: bool) -> None:
     # The batched listener answers a loopback client's repeated question from the
@@ -260,14 +247,14 @@ def test_a_remembered_reply_still_obeys_the_allow_list_and_shutdown(tmp_path: Pa
         await server.start()
         port = server.bound[0].port
         try:
-            await _ask(port, wire)  # cached, then remembered
-            remembered = await _ask(port, wire)
+            await udp_exchange(port, wire, 1.0)  # cached, then remembered
+            remembered = await udp_exchange(port, wire, 1.0)
             server.acls[0].update(["100.64.0.0/10"])  # what a reload of `allow` does
-            refused = await _ask(port, wire, 0.3)
+            refused = await udp_exchange(port, wire, 0.3)
             server.acls[0].update(["127.0.0.0/8"])
             for _transport, protocol in server.udp:
                 protocol.accepting = False  # what stop() does first
-            stopping = await _ask(port, wire, 0.3)
+            stopping = await udp_exchange(port, wire, 0.3)
             return remembered, refused, stopping
         finally:
             await server.stop(1)
@@ -297,7 +284,7 @@ def test_a_client_off_loopback_is_rate_limited_before_its_remembered_reply(
         try:
             await handler.handle(wire, None, "udp")
             assert handler.fast_answer(wire) is not None  # remembered from now on
-            return [await _ask(server.bound[0].port, wire) for _ in range(2)]
+            return [await udp_exchange(server.bound[0].port, wire, 1.0) for _ in range(2)]
         finally:
             await server.stop(1)
 
