@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from lab import LAB, Lab, lab, start_lab_server
+from lab import LAB, ROOT, Lab, lab, start_lab_server
 
 pytestmark = pytest.mark.lab
 
@@ -139,6 +140,17 @@ async def main():
 asyncio.run(main())
 """
 
+OUR_MDNS_LOOKUP = """
+import asyncio, sys
+sys.path.insert(0, sys.argv[1])
+from horizon_dns.net.interfaces import list_interfaces
+from horizon_dns.net.overlay import MdnsLookup
+async def main():
+    lookup = MdnsLookup(lambda: list_interfaces(["eth0"]))
+    print({name: [str(a) for a in await lookup(name, 4, 1.0)] for name in sys.argv[2:]})
+asyncio.run(main())
+"""
+
 
 def test_aliases_are_published_over_mdns_beside_a_real_avahi(llmnr_lab: tuple[Lab, Path]) -> None:
     the_lab, work = llmnr_lab
@@ -150,6 +162,9 @@ def test_aliases_are_published_over_mdns_beside_a_real_avahi(llmnr_lab: tuple[La
         server.wait_for(r"mDNS: publishing scanner\.local", timeout=15)
         out = the_lab.exec("b", "python3", "-c", RESOLVE_MDNS, "wiki", "scanner", timeout=30)
         assert "'wiki': ['100.64.0.3']" in out.stdout and "'scanner': ['100.64.0.22']" in out.stdout, out
+        # Our own one-shot lookup (RFC 6762 §5.1) gets zeroconf's unicast answer too (§6.7).
+        ours = the_lab.exec("a", sys.executable, "-c", OUR_MDNS_LOOKUP, str(ROOT), "wiki", "scanner")
+        assert "'wiki': ['100.64.0.3']" in ours.stdout and "'scanner': ['100.64.0.22']" in ours.stdout, ours
         # avahi in node b keeps answering for its own host name meanwhile (asked from node a).
         own = the_lab.exec("a", "python3", "-c", RESOLVE_MDNS.replace("100.64.0.2", "100.64.0.1"), "nodeb")
         assert "'nodeb': ['100.64.0.2']" in own.stdout, own

@@ -7,12 +7,12 @@ import ipaddress
 from pathlib import Path
 
 import pytest
-from dnslib import QTYPE
+from dnslib import AAAA, QTYPE, RR, A, DNSRecord
 from helpers import config_from, make_query
 
 from horizon_dns.core.message import Outcome, Query, Reply
 from horizon_dns.core.wire import NOERROR, NXDOMAIN
-from horizon_dns.net.overlay import IPAddress, PeerLookup, parse_peers
+from horizon_dns.net.overlay import IPAddress, PeerLookup, addresses_in, parse_peers
 from horizon_dns.stages.overlay import OverlayStage, usable
 
 
@@ -228,3 +228,17 @@ def test_lookups_in_flight_are_capped() -> None:
     replies = asyncio.run(flood())
     assert all(r.rcode == NXDOMAIN for r in replies)
     assert len(method.calls) == 4 and st.shed == 36  # 20 names x 2 versions, 4 really asked
+
+
+def test_addresses_in_takes_the_asked_owner_and_version_only() -> None:
+    """An mDNS reply may carry records of the responder's other names (RFC 6762 §6)."""
+    reply = DNSRecord.question("NodeB.local", "A").reply()
+    reply.add_answer(RR("nodeb.LOCAL.", QTYPE.A, rdata=A("100.64.0.2")))
+    reply.add_answer(RR("nodeb.local.", QTYPE.AAAA, rdata=AAAA("fd7a:115c:a1e0::2")))
+    reply.add_ar(RR("printer.local.", QTYPE.A, rdata=A("100.64.0.22")))
+    reply.add_ar(RR("nodeb.local.", QTYPE.A, rdata=A("192.168.1.2")))
+    wire = reply.pack()
+    assert [str(a) for a in addresses_in(wire, 4, "nodeb.local")] == ["100.64.0.2", "192.168.1.2"]
+    assert [str(a) for a in addresses_in(wire, 6, "nodeb.local.")] == ["fd7a:115c:a1e0::2"]
+    assert [str(a) for a in addresses_in(wire, 4, "printer.local")] == ["100.64.0.22"]
+    assert addresses_in(b"garbage", 4, "nodeb.local") == []

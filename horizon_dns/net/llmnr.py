@@ -11,8 +11,9 @@ as is a changed hostname. If TCP 5355 is taken (systemd-resolved with LLMNR=yes
 or resolve), UDP keeps working and :attr:`LlmnrResponder.tcp_error` says exactly
 what to change.
 
-``query_multicast`` and ``query_tcp`` are the client side, used by the overlay
-lookup stage and by conflict detection (RFC 4795 §4).
+``query_tcp`` is the unicast client side, used by the overlay lookup stage; multicast
+questions (the overlay stage, conflict detection, RFC 4795 §4) go through
+:func:`horizon_dns.net.oneshot.ask_group`.
 """
 
 from __future__ import annotations
@@ -34,13 +35,13 @@ from horizon_dns.llmnr.responder import (
     LLMNR_GROUP_V4,
     LLMNR_GROUP_V6,
     LLMNR_PORT,
-    QR,
     Arrival,
     Interface,
     Names,
     build_query,
     decide,
 )
+from horizon_dns.net.oneshot import LLMNR, ask_group
 from horizon_dns.net.upstream import Upstream, exchange_tcp
 
 log = logging.getLogger("horizon_dns.net.llmnr")
@@ -284,7 +285,7 @@ class LlmnrResponder:
         conflicts: set[str] = set()
         for name in sorted(self.names.own()):
             for interface in self.interfaces.values():
-                replies = await query_multicast(name, 1, interface, wait)
+                replies = await ask_group(LLMNR, name, 1, interface, wait)
                 others = [
                     src for src, _data in replies if ipaddress.ip_address(src.split("%")[0]) not in ours
                 ]
@@ -302,69 +303,6 @@ class LlmnrResponder:
 
 
 # The client side ---------------------------------------------------------------
-
-
-async def query_multicast(
-    name: str,
-    qtype: int,
-    interface: Interface,
-    window: float,
-    family: int = socket.AF_INET,
-    first: bool = False,
-) -> list[tuple[str, bytes]]:
-    """Ask the LLMNR group on ``interface``; return (source, reply) of the answers.
-
-    Collects for ``window`` seconds, or until the first answer when ``first``.
-    """
-    loop = asyncio.get_running_loop()
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    replies: list[tuple[str, bytes]] = []
-    msg_id = secrets.randbits(16)
-    message = build_query(msg_id, name, qtype)
-    got_one = asyncio.Event()
-    try:
-        sock.setblocking(False)
-        if family == socket.AF_INET:
-            v4 = [a.ip for a in interface.addresses if a.version == 4]
-            if not v4:
-                return []
-            sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(str(v4[0])))
-            sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)  # RFC 4795 §2.5
-            sock.bind((str(v4[0]), 0))
-            destination: tuple[str, int] | tuple[str, int, int, int] = (LLMNR_GROUP_V4, LLMNR_PORT)
-        else:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, interface.index)
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 1)
-            sock.bind(("::", 0))
-            destination = (LLMNR_GROUP_V6, LLMNR_PORT, 0, interface.index)
-
-        def readable() -> None:
-            while True:
-                try:
-                    data, source = sock.recvfrom(9000)
-                except (BlockingIOError, InterruptedError):
-                    return
-                except OSError:
-                    return
-                if len(data) >= 4 and struct.unpack_from("!H", data)[0] == msg_id and data[2] & (QR >> 8):
-                    replies.append((str(source[0]), data))
-                    got_one.set()
-
-        loop.add_reader(sock.fileno(), readable)
-        try:
-            sock.sendto(message, destination)
-            if first:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(got_one.wait(), window)
-            else:
-                await asyncio.sleep(window)  # a collection window: every responder may answer
-        finally:
-            loop.remove_reader(sock.fileno())
-    except OSError as exc:
-        log.debug("LLMNR query on %s failed: %s", interface.name, exc)
-    finally:
-        sock.close()
-    return replies
 
 
 async def query_tcp(address: str, name: str, qtype: int, timeout: float) -> bytes | None:

@@ -1,11 +1,13 @@
-"""One python-zeroconf instance for the whole process, shared by everyone who speaks mDNS.
+"""One python-zeroconf instance for the whole process, for publishing names over mDNS.
 
-Why one: every instance binds UDP 5353 with SO_REUSEPORT, and the kernel hands
-each *unicast* reply (zeroconf asks its first question with the QU bit, RFC 6762
-§5.4) to just one socket of the group -- a second instance then misses answers
-meant for it. Contract: ``await acquire(interfaces)`` returns the shared
-AsyncZeroconf (made on first use, bound to the given interfaces' addresses);
-``await release()`` closes it when its last user lets go.
+Why one: every instance binds UDP 5353 with SO_REUSEPORT and would probe, announce
+and answer on its own; and the kernel hands each *unicast* datagram to 5353 to just
+one socket of the group. (Lookups do not use zeroconf for that reason: they send
+one-shot queries from a port of their own, :mod:`horizon_dns.net.oneshot`.)
+
+Contract: ``await acquire(interfaces)`` returns the shared AsyncZeroconf (made on
+first use, bound to the given interfaces' addresses); ``await release()`` closes it
+when its last user lets go.
 """
 
 from __future__ import annotations

@@ -5,10 +5,10 @@ for one host label (``nodeb``) and one IP version (4 or 6); an empty list means
 "not found by this method within timeout". Lookups never raise for network
 trouble. They send only on the configured interfaces and to the configured peers.
 
-* :class:`MdnsLookup` asks ``host.local`` through one shared python-zeroconf
-  instance bound to the configured interfaces (RFC 6762);
-* :class:`LlmnrLookup` asks ``host`` on 224.0.0.252 / ff02::1:3 and returns the
-  first answer (RFC 4795 §2);
+* :class:`MdnsLookup` asks ``host.local`` on 224.0.0.251 / ff02::fb with one-shot
+  queries from an ephemeral port (RFC 6762 §5.1), answered by unicast (§6.7);
+* :class:`LlmnrLookup` asks ``host`` on 224.0.0.252 / ff02::1:3 (RFC 4795 §2);
+  both send on the configured interfaces over IPv4 and IPv6, first answer wins;
 * :class:`PeerLookup` asks each known peer directly, for overlays without
   multicast (tailscale): LLMNR over TCP 5355 (RFC 4795 §2.4; systemd-resolved
   answers it) and a legacy unicast mDNS query to UDP 5353 (RFC 6762 §6.7; avahi
@@ -30,13 +30,12 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from dnslib import QTYPE, DNSRecord
 
-from horizon_dns.llmnr.responder import Interface
-from horizon_dns.net import mdns
-from horizon_dns.net.llmnr import query_multicast, query_tcp
+from horizon_dns.llmnr.responder import Interface, build_query
+from horizon_dns.net.llmnr import query_tcp
+from horizon_dns.net.oneshot import LLMNR, MDNS, Group, ask_group
 
 log = logging.getLogger("horizon_dns.net.overlay")
 
@@ -59,68 +58,55 @@ async def first_found(asks: Sequence[Awaitable[list[IPAddress]]]) -> list[IPAddr
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def addresses_in(reply: bytes, version: int) -> list[IPAddress]:
-    """A/AAAA addresses of the wanted version in a DNS/LLMNR/mDNS reply."""
+def addresses_in(reply: bytes, version: int, name: str) -> list[IPAddress]:
+    """A/AAAA addresses of the wanted version owned by ``name`` in a DNS/LLMNR/mDNS reply.
+
+    Records of other owners are left out: an mDNS responder may add records for
+    other names of its own (RFC 6762 §6).
+    """
     try:
         record = DNSRecord.parse(reply)
     except Exception:  # a peer's garbage is a miss, not an error
         return []
     wanted = QTYPE.A if version == 4 else QTYPE.AAAA
+    owner = name.rstrip(".").lower()
     out: list[IPAddress] = []
     for rr in record.rr + record.ar:
-        if rr.rtype == wanted:
+        if rr.rtype == wanted and str(rr.rname).rstrip(".").lower() == owner:
             with contextlib.suppress(ValueError):
                 out.append(ipaddress.ip_address(str(rr.rdata)))
     return out
 
 
+async def ask_interfaces(
+    group: Group, name: str, version: int, interfaces: list[Interface], timeout: float
+) -> list[IPAddress]:
+    """Ask ``group`` for ``name`` on every interface over IPv4 and IPv6; first answer wins."""
+    qtype = QTYPE.A if version == 4 else QTYPE.AAAA
+
+    async def ask(interface: Interface, family: int) -> list[IPAddress]:
+        replies = await ask_group(group, name, qtype, interface, timeout, family, first=True)
+        return [address for _source, reply in replies for address in addresses_in(reply, version, name)]
+
+    families = (socket.AF_INET, socket.AF_INET6)
+    return await first_found([ask(i, f) for i in interfaces for f in families])
+
+
 class MdnsLookup:
-    """``host.local`` through python-zeroconf (one AsyncZeroconf for the process)."""
+    """``host.local`` by one-shot mDNS queries (RFC 6762 §5.1) on the configured interfaces.
+
+    Not through python-zeroconf's resolver: that one listens on the shared port
+    5353, where unicast replies can land in another program's socket (see
+    :mod:`horizon_dns.net.oneshot`).
+    """
 
     name = "mdns"
 
     def __init__(self, interfaces: Callable[[], list[Interface]]) -> None:
         self.interfaces = interfaces
-        self.zeroconf: Any = None
-
-    async def start(self) -> None:
-        self.zeroconf = await mdns.acquire(self.interfaces())
-
-    async def stop(self) -> None:
-        if self.zeroconf is not None:
-            self.zeroconf = None
-            await mdns.release()
 
     async def __call__(self, host: str, version: int, timeout: float) -> list[IPAddress]:
-        from zeroconf import (  # type: ignore[attr-defined]  # exported, but not in __all__
-            AddressResolverIPv4,
-            AddressResolverIPv6,
-            IPVersion,
-            current_time_millis,
-        )
-
-        if self.zeroconf is None:
-            return []
-        name = f"{host}.local."
-        # zeroconf would answer from its own cache for the records' TTL (120 s from avahi)
-        # even after the link went down; the overlay stage keeps its own, configurable,
-        # cache, so when it asks, ask the network.
-        # Only records older than a second go: a concurrent lookup of the other IP version
-        # may have just brought fresh ones.
-        cache = self.zeroconf.zeroconf.cache
-        cutoff = current_time_millis() - 1000
-        stale = [r for r in cache.async_entries_with_name(name) if r.type in (1, 28) and r.created < cutoff]
-        if stale:
-            cache.async_remove_records(stale)
-        cls = AddressResolverIPv4 if version == 4 else AddressResolverIPv6
-        resolver = cls(name)
-        try:
-            await resolver.async_request(self.zeroconf.zeroconf, int(timeout * 1000))  # milliseconds
-        except Exception as exc:  # zeroconf errors are misses here
-            log.debug("mDNS lookup of %s.local failed: %s", host, exc)
-            return []
-        ip_version = IPVersion.V4Only if version == 4 else IPVersion.V6Only
-        return list(resolver.ip_addresses_by_version(ip_version))
+        return await ask_interfaces(MDNS, f"{host}.local", version, self.interfaces(), timeout)
 
 
 class LlmnrLookup:
@@ -132,14 +118,7 @@ class LlmnrLookup:
         self.interfaces = interfaces
 
     async def __call__(self, host: str, version: int, timeout: float) -> list[IPAddress]:
-        qtype = QTYPE.A if version == 4 else QTYPE.AAAA
-
-        async def ask(interface: Interface, family: int) -> list[IPAddress]:
-            replies = await query_multicast(host, qtype, interface, timeout, family, first=True)
-            return [address for _source, reply in replies for address in addresses_in(reply, version)]
-
-        families = (socket.AF_INET, socket.AF_INET6)
-        return await first_found([ask(i, f) for i in self.interfaces() for f in families])
+        return await ask_interfaces(LLMNR, host, version, self.interfaces(), timeout)
 
 
 def parse_peers(text: str) -> list[str]:
@@ -261,14 +240,15 @@ class PeerLookup:
     async def _ask(self, peer: str, host: str, qtype: int, version: int, timeout: float) -> list[IPAddress]:
         assert self.fanout is not None
 
-        async def via(reply: Awaitable[bytes | None]) -> list[IPAddress]:
+        async def via(reply: Awaitable[bytes | None], name: str) -> list[IPAddress]:
             data = await reply
-            return addresses_in(data, version) if data else []
+            return addresses_in(data, version, name) if data else []
 
         async with self.fanout:
-            asks = [via(query_tcp(peer, host, qtype, timeout))]
+            asks = [via(query_tcp(peer, host, qtype, timeout), host)]
             if ":" not in peer:  # avahi answers legacy unicast over IPv4 only
-                asks.append(via(query_mdns_unicast(peer, f"{host}.local", qtype, timeout)))
+                mdns_name = f"{host}.local"
+                asks.append(via(query_mdns_unicast(peer, mdns_name, qtype, timeout), mdns_name))
             return await first_found(asks)
 
 
@@ -284,16 +264,12 @@ class _OneReply(asyncio.DatagramProtocol):
 
 async def query_mdns_unicast(peer: str, name: str, qtype: int, timeout: float) -> bytes | None:
     """A legacy unicast mDNS query (RFC 6762 §6.7): from a port other than 5353, to peer:5353."""
-    from horizon_dns.core.names import text_to_name
-
     msg_id = secrets.randbits(16)
-    message = (
-        struct.pack("!HHHHHH", msg_id, 0, 1, 0, 0, 0) + text_to_name(name) + struct.pack("!HH", qtype, 1)
-    )
+    message = build_query(msg_id, name, qtype)  # flags all zero: RFC 6762 §18
     loop = asyncio.get_running_loop()
     try:
         transport, protocol = await loop.create_datagram_endpoint(
-            lambda: _OneReply(msg_id), remote_addr=(peer, 5353)
+            lambda: _OneReply(msg_id), remote_addr=(peer, MDNS.port)
         )
     except OSError:
         return None

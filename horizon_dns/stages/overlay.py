@@ -105,7 +105,7 @@ class OverlayStage:
         self.negative_ttl = negative_ttl
         self.soa = soa
         self.clock = clock
-        self.services = list(services)  # objects with start()/stop(): zeroconf, peer refresh
+        self.services = list(services)  # objects with start()/stop(): the peer list's refresh
         self.on_miss = on_miss
         self.max_lookups = max_lookups
         self.shed = 0
@@ -323,8 +323,7 @@ def build(section: Section, ctx: BuildContext) -> OverlayStage | None:
     services: list[Any] = []
     for method in methods:
         if method == "mdns":
-            mdns = MdnsLookup(listed)
-            lookups["mdns"], services = mdns, [*services, mdns]
+            lookups["mdns"] = MdnsLookup(listed)
         elif method == "llmnr":
             lookups["llmnr"] = LlmnrLookup(listed)
         elif method == "peers":
