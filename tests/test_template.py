@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from horizon_dns.core.handler import QueryHandler
 from horizon_dns.core.message import Outcome, Query, Reply
 from horizon_dns.core.pipeline import Pipeline
 from horizon_dns.core.wire import NOERROR, NXDOMAIN, REFUSED, SERVFAIL
+from horizon_dns.errors import ConfigError
 from horizon_dns.stages.template import TemplateStage
 
 RULES = r"""
@@ -307,3 +309,55 @@ def test_template_compiles_with_tmp_path(tmp_path: Path) -> None:
     )
     reply = resolve(config.pipeline(), make_query("printer.lan.", "CNAME"))
     assert _text(reply.answer) == ["printer.lan. 60 IN CNAME laserjet.lan."]
+
+
+# Names a host name cannot be, and regexes that never finish ---------------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "www\\.nodeb.example.",  # two labels, the first holding a dot: not www.nodeb.example.
+        "x.a\\;b.example.",
+        'x.a\\"b.example.',
+        "x.\\(.example.",
+        "x.a\\000b.example.",
+    ],
+)
+def test_a_name_with_escaped_octets_matches_no_template(pipeline: Pipeline, name: str) -> None:
+    """Regexes and zone-file lines would read the escapes (RFC 1035 §5.1) as structure."""
+    reply = resolve(pipeline, make_query(name))
+    assert reply.answer == [] and not reply.stage.startswith("template:"), reply
+
+
+RUNAWAY = r"""
+zones:
+  t.test:
+    stages:
+      - template:
+          name: runaway
+          match: ['^(a|aa)+$']
+          answer: ['{{ name }} 60 IN A 192.0.2.1']
+"""
+
+
+def test_a_catastrophic_regex_is_an_error_at_load(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from(tmp_path, RUNAWAY)
+    issue = next(i for i in info.value.issues if "backtracks catastrophically" in i.message)
+    assert issue.line == 7 and issue.file.endswith("10-test.yaml") and "(a|aa)+" in str(issue.hint)
+
+
+def test_a_regex_that_runs_away_on_a_query_costs_that_query_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Had the load-time probe missed it: the match is cut off and answered SERVFAIL."""
+    monkeypatch.setattr("horizon_dns.stages.template.runaway_on", lambda _pattern: None)
+    handler = QueryHandler(config_from(tmp_path, RUNAWAY).pipeline())
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="horizon_dns.stages.template"):
+        wire = asyncio.run(handler.answer(make_query("a" * 40 + ".t.test.")))
+    assert wire[3] & 0xF == SERVFAIL
+    assert time.monotonic() - started < 1.0  # unbounded, this takes minutes
+    assert handler.replies[("template:runaway", "failed", "template:runaway:regex-timeout")] == 1
+    assert "took over 10 ms" in caplog.text

@@ -45,6 +45,16 @@ from dnslib import AAAA, QTYPE, RR, A
 
 from horizon_dns.config.source import Section, as_str, int_range, item_node, number_range
 from horizon_dns.core.message import Outcome, Query, Reply
+from horizon_dns.core.pattern import (
+    MATCH_TIMEOUT,
+    RUNAWAY_HINT,
+    Pattern,
+    PatternError,
+    PatternTimeout,
+    compile_pattern,
+    runaway_on,
+    search,
+)
 from horizon_dns.core.stage import Next
 from horizon_dns.core.wire import NOERROR, NXDOMAIN
 from horizon_dns.net.overlay import IPAddress, LlmnrLookup, Lookup, MdnsLookup, PeerLookup, first_found
@@ -84,7 +94,7 @@ class OverlayStage:
         name: str,
         zone: str,
         methods: dict[str, Lookup],
-        host_pattern: re.Pattern[str] | None = None,
+        host_pattern: Pattern[str] | None = None,
         prefer: Sequence[Network] = (),
         timeout: float = 0.3,
         ttl: int = 30,
@@ -126,7 +136,11 @@ class OverlayStage:
     def host_of(self, name: str) -> str | None:
         """The host label a query name stands for, or None."""
         if self.host_pattern is not None:
-            found = self.host_pattern.search(name)
+            try:
+                found = search(self.host_pattern, name)
+            except PatternTimeout as exc:
+                log.warning("%s: %s on %s", self.name, exc, name)
+                return None
             host = found.group("host") if found else None
         else:
             suffix = "." + self.zone if self.zone != "." else ""
@@ -262,12 +276,18 @@ def build(section: Section, ctx: BuildContext) -> OverlayStage | None:
     host_pattern = None
     if host_text:
         try:
-            host_pattern = re.compile(host_text)
+            host_pattern = compile_pattern(host_text)
             if "host" not in host_pattern.groupindex:
                 section.where.child("host").error(
                     section.node_of("host"), "the regex needs a named group (?P<host>...)"
                 )
-        except re.error as exc:
+            elif (runaway := runaway_on(host_pattern)) is not None:
+                section.where.child("host").error(
+                    section.node_of("host"),
+                    f"the regex backtracks catastrophically: {MATCH_TIMEOUT * 1000:.0f} ms on {runaway!r}",
+                    RUNAWAY_HINT,
+                )
+        except PatternError as exc:
             section.where.child("host").error(section.node_of("host"), f"invalid regex: {exc}")
     interfaces = tuple(section.string_list("interfaces", default=[]))
     peers = section.string_list("peers", default=[])

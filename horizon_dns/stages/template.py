@@ -41,7 +41,6 @@ not a valid record makes the reply SERVFAIL with reason
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +57,17 @@ from horizon_dns.core.bounded import remember
 from horizon_dns.core.encode import pack_reply
 from horizon_dns.core.message import Outcome, Query, Reply
 from horizon_dns.core.packed import Packed
+from horizon_dns.core.pattern import (
+    MATCH_TIMEOUT,
+    RUNAWAY_HINT,
+    Match,
+    Pattern,
+    PatternError,
+    PatternTimeout,
+    compile_pattern,
+    runaway_on,
+    search,
+)
 from horizon_dns.core.pipeline import EDE_OTHER
 from horizon_dns.core.stage import Next
 from horizon_dns.core.wire import NOERROR, NXDOMAIN, SERVFAIL
@@ -108,7 +118,7 @@ class TemplateStage:
         qclass: int,
         qtypes: frozenset[int],
         zones: tuple[str, ...],
-        patterns: list[re.Pattern[str]],
+        patterns: list[Pattern[str]],
         answer: _Lines,
         additional: _Lines,
         authority: _Lines,
@@ -141,6 +151,7 @@ class TemplateStage:
             for src, t in zip(lines.sources, lines.templates, strict=True)
         )
         self.bad_records = 0
+        self.regex_timeouts = 0
         self._rr_cache: dict[str, list[RR]] = {}
         self._packed_cache: dict[tuple[bytes | str, ...], Packed] = {}
         # Every line renders without Jinja: the variables dict is never needed.
@@ -155,9 +166,10 @@ class TemplateStage:
     async def stop(self) -> None:
         return None
 
-    def matches_name(self, name: str) -> re.Match[str] | None:
+    def matches_name(self, name: str) -> Match[str] | None:
+        """The first regex's match on ``name``; raises PatternTimeout on a runaway regex."""
         for pattern in self.patterns:
-            found = pattern.search(name)
+            found = search(pattern, name)
             if found is not None:
                 return found
         return None
@@ -170,7 +182,22 @@ class TemplateStage:
         if self.zones and not any(_in_zone(name, z) for z in self.zones):
             query.note("  name outside this template's zones -> next")
             return await next(query)
-        found = self.matches_name(name)
+        if "\\" in name:
+            # A label holding a dot, quote, semicolon, parenthesis or a non-printing
+            # octet (RFC 1035 §5.1 escapes): no host name has those, and the regexes
+            # and the rendered zone-file lines would read the escapes as structure.
+            query.note("  the name has escaped characters a host name cannot have -> next")
+            return await next(query)
+        try:
+            found = self.matches_name(name)
+        except PatternTimeout as exc:
+            self.regex_timeouts += 1
+            if self.regex_timeouts & (self.regex_timeouts - 1) == 0:  # 1, 2, 4, ...: no log flood
+                log.warning(
+                    "%s: %s on %s; answering SERVFAIL (%d so far)", self.name, exc, name, self.regex_timeouts
+                )
+            query.note(f"  {exc} -> SERVFAIL")
+            return Reply(SERVFAIL, self.name, Outcome.FAILED, f"{self.name}:regex-timeout")
         if found is not None and self.when is not None and not self._when(query, found):
             query.note("  regex matched but 'when' is false")
             found = None
@@ -189,7 +216,7 @@ class TemplateStage:
             query.note(f"  matched {found.re.pattern!r} groups {found.groupdict()}")
         return self.render_reply(query, found)
 
-    def _when(self, query: Query, found: re.Match[str]) -> bool:
+    def _when(self, query: Query, found: Match[str]) -> bool:
         assert self.when is not None
         try:
             return bool(self.when(self.variables(query, found)))
@@ -197,7 +224,7 @@ class TemplateStage:
             log.warning("%s: 'when' failed: %s", self.name, exc)
             return False
 
-    def variables(self, query: Query, found: re.Match[str]) -> dict[str, Any]:
+    def variables(self, query: Query, found: Match[str]) -> dict[str, Any]:
         groups = {k: (v if v is not None else "") for k, v in found.groupdict().items()}
         numbered = [found.group(0)] + [g if g is not None else "" for g in found.groups()]
         return {
@@ -211,7 +238,7 @@ class TemplateStage:
             "alias": self.aliases,
         }
 
-    def render_reply(self, query: Query, found: re.Match[str]) -> Reply:
+    def render_reply(self, query: Query, found: Match[str]) -> Reply:
         variables = None if self.all_fast else self.variables(query, found)
         texts: list[str] = []  # every rendered line, sections apart: what the reply's bytes follow from
         try:
@@ -272,7 +299,7 @@ class TemplateStage:
         lines: _Lines,
         variables: dict[str, Any] | None,
         query: Query,
-        found: re.Match[str],
+        found: Match[str],
         texts: list[str],
     ) -> list[RR]:
         records: list[RR] = []
@@ -507,7 +534,7 @@ def build(section: Section, ctx: BuildContext) -> TemplateStage | None:
                 f"{z} is outside the stage's zone {ctx.zone}",
                 "a template only sees names of the zone it is listed under",
             )
-    patterns: list[re.Pattern[str]] = []
+    patterns: list[Pattern[str]] = []
     match_where = section.where.child("match")
     for i, source in enumerate(section.string_list("match", default=[".*"])):
         if len(source) > MAX_REGEX_LENGTH:
@@ -516,13 +543,24 @@ def build(section: Section, ctx: BuildContext) -> TemplateStage | None:
             )
             continue
         try:
-            patterns.append(re.compile(source))
-        except re.error as exc:
+            pattern = compile_pattern(source)
+        except PatternError as exc:
             match_where.child(i).error(
                 item_node(section.node_of("match"), i),
                 f"invalid regex {source!r}: {exc}",
                 "use Python syntax: named groups are (?P<name>...)",
             )
+            continue
+        runaway = runaway_on(pattern)
+        if runaway is not None:
+            match_where.child(i).error(
+                item_node(section.node_of("match"), i),
+                f"regex {source!r} backtracks catastrophically: over"
+                f" {MATCH_TIMEOUT * 1000:.0f} ms on the name {runaway!r}",
+                RUNAWAY_HINT,
+            )
+            continue
+        patterns.append(pattern)
     groups = {g for p in patterns for g in p.groupindex}
     ngroups = max((p.groups for p in patterns), default=0)
     env = make_environment(ctx.aliases)
@@ -593,7 +631,7 @@ def _test_render(stage: TemplateStage, where: Where, section: Section, example: 
         variables = stage.variables(query, found)
     else:
         # Without an example every group renders as "0": a valid label, number and address byte.
-        variables = stage.variables(query, re.match(".*", name))  # type: ignore[arg-type]
+        variables = stage.variables(query, search(compile_pattern(".*"), name))  # type: ignore[arg-type]
         variables["group"] = {g: "0" for p in stage.patterns for g in p.groupindex}
         variables["match"] = ["0"] * (1 + max((p.groups for p in stage.patterns), default=0))
     for key, lines in (
