@@ -12,6 +12,7 @@ import struct
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import dns.edns
 import dns.flags
@@ -24,6 +25,7 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 from conftest import SEED_RULES, ServerProcess, require_tool, start_server, stopped_cleanly
+from fakeupstream import fake_upstream
 from helpers import tcp_read
 
 TIMEOUT = 3.0  # seconds for any one reply
@@ -883,3 +885,33 @@ def test_server_still_healthy(seed_server: ServerProcess) -> None:
     log = seed_server.log_text()
     assert "Traceback" not in log, log
     assert " ERROR " not in log, log
+
+
+def test_tcp_half_close_still_gets_every_pending_reply(tmp_path: Path) -> None:
+    """A client that shuts down its sending side is owed its answers (RFC 7766 §6.2.4)."""
+    with fake_upstream() as fake:
+        fake.default, fake.delay = "delay", 0.2  # forwarded answers arrive after the EOF
+        rules = f"""
+        zones:
+          mydomain.tld:
+            stages:
+              - template: {{type: [A], answer: ['{{{{ name }}}} 60 IN A 100.64.0.1']}}
+          .:
+            stages:
+              - forward: {{upstreams: ["{fake.address}"], timeout: 2}}
+        """
+        server = start_server(tmp_path, rules, ipv6=False)
+        try:
+            names = ["slow1.example", "now.mydomain.tld", "slow2.example"]
+            queries = {3000 + i: dns.message.make_query(n, "A") for i, n in enumerate(names)}
+            for msg_id, query in queries.items():
+                query.id = msg_id
+            with connect(server.host, server.port) as sock:
+                sock.sendall(b"".join(framed(q.to_wire()) for q in queries.values()))
+                sock.shutdown(socket.SHUT_WR)
+                replies = [dns.message.from_wire(tcp_read(sock)) for _ in queries]
+                assert sock.recv(1) == b""  # then the server closes
+            assert sorted(r.id for r in replies) == sorted(queries)
+            assert all(r.rcode() == dns.rcode.NOERROR and r.answer for r in replies)
+        finally:
+            server.stop()

@@ -102,6 +102,15 @@ class TcpConnection(asyncio.Protocol):
             self.idle.cancel()
         self.transport = None
 
+    def eof_received(self) -> bool:
+        """The client has half-closed: answer what it already asked, then close.
+
+        Returning True keeps our side open until the last pending reply is written
+        (RFC 7766 §6.2.3-6.2.4: a server closes after sending what it owes).
+        """
+        self.closing = True
+        return self.pending > 0
+
     def _arm_idle(self) -> None:
         # Called on every read and reply: only remember when; the one timer re-arms
         # itself for the rest of the interval when it fires early. Cancelling and
