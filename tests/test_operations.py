@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import socket
 import subprocess
 import textwrap
 import threading
@@ -17,11 +18,13 @@ import dns.query
 import dns.rcode
 import pytest
 from conftest import SEED_RULES, ServerProcess, require_tool, start_server
-from helpers import config_from
+from helpers import config_from, udp_exchange
 
+from horizon_dns.config.model import ListenAddress
 from horizon_dns.core.handler import QueryHandler
 from horizon_dns.explain import explain, explain_query
 from horizon_dns.metrics import MetricsServer, Sources
+from horizon_dns.net.server import BindError, DnsServer
 from horizon_dns.stages.overlay import OverlayStage
 
 
@@ -383,3 +386,41 @@ def test_grafana_dashboard_uses_only_metrics_we_export(tmp_path: Path) -> None:
         exported.update(name if name.endswith(suffix) else name + suffix for suffix in suffixes)
     missing = {name for name in used if name not in exported}
     assert not missing, f"the dashboard queries series that are never exported: {missing}"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_a_reload_to_a_taken_port_keeps_every_old_listener(tmp_path: Path) -> None:
+    """Reported: the old listener closed first, the new bind failed, the address was lost for good."""
+    handler = QueryHandler(config_from(tmp_path, SEED_RULES).pipeline())
+    old, fresh = _free_port(), _free_port()
+    query = dns.message.make_query("nodeb.mydomain.tld", "A").to_wire()
+
+    async def scenario() -> None:
+        server = DnsServer(handler, [ListenAddress("127.0.0.1", old)])
+        await server.start()
+        blocker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        blocker.bind(("127.0.0.1", 0))  # another program holds this port
+        try:
+            taken = int(blocker.getsockname()[1])
+            with pytest.raises(BindError):
+                await server.rebind([ListenAddress("127.0.0.1", taken)])
+            assert [a.port for a in server.bound] == [old]
+            assert await udp_exchange(old, query, 2.0) is not None  # still answering
+            await server.rebind([ListenAddress("127.0.0.1", fresh)])
+            assert [a.port for a in server.bound] == [fresh]
+            assert await udp_exchange(fresh, query, 2.0) is not None
+            try:
+                gone = await udp_exchange(old, query, 0.3)
+            except ConnectionRefusedError:  # the kernel's ICMP: nobody listens there
+                gone = None
+            assert gone is None
+        finally:
+            blocker.close()
+            await server.stop(1)
+
+    asyncio.run(scenario())

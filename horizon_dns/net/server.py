@@ -127,32 +127,63 @@ class DnsServer:
         )
 
     async def rebind(self, listen: list[ListenAddress]) -> None:
-        """Listen on exactly ``listen``: bind what is new, close what is gone, keep the rest."""
+        """Listen on exactly ``listen``: bind what is new, close what is gone, keep the rest.
+
+        All or nothing: new addresses are bound before gone ones close, so a bind that
+        fails (a port taken meanwhile) raises BindError with every old listener still
+        serving. Only when a new address overlaps one that goes (``0.0.0.0:53`` for
+        ``127.0.0.1:53``) are the gone ones closed first -- and bound again on failure.
+        """
         wanted = {(a.host, a.port) for a in listen}
-        for index in reversed(range(len(self.bound))):
-            address = self.bound[index]
-            configured = self.listen[index]
-            if (configured.host, configured.port) in wanted:
-                continue
-            transport, _protocol = self.udp.pop(index)
-            transport.close()
-            self.tcp.pop(index).close()
-            self.acls.pop(index)
-            self.bound.pop(index)
-            self.listen.pop(index)
-            log.info("no longer listening on %s", address)
         have = {(a.host, a.port) for a in self.listen}
+        added = [a for a in listen if (a.host, a.port) not in have]
+        gone = [a for a in self.listen if (a.host, a.port) not in wanted]
+        try:
+            await self._bind_all(added)
+        except BindError:
+            if not gone:
+                raise
+            self._close_listeners(gone)
+            await asyncio.sleep(0)  # a datagram transport closes its socket on the next loop pass
+            try:
+                await self._bind_all(added)
+            except BindError:
+                await asyncio.sleep(0)
+                await self._bind_all(gone)
+                raise
+        else:
+            self._close_listeners(gone)
         for index, address in enumerate(self.listen):
             # Same address, perhaps a new allow list: listeners read it from here.
             new = next(a for a in listen if (a.host, a.port) == (address.host, address.port))
             if new.allow != address.allow:
                 self.acls[index].update(new.allow)
                 self.listen[index] = new
-        for address in listen:
-            if (address.host, address.port) not in have:
+
+    async def _bind_all(self, addresses: list[ListenAddress]) -> None:
+        """Bind every one of ``addresses``, or none: a failure closes those bound here."""
+        bound: list[ListenAddress] = []
+        try:
+            for address in addresses:
                 await self._bind(address)
                 self.listen.append(address)
+                bound.append(address)
                 log.info("now listening on %s", self.bound[-1])
+        except BindError:
+            self._close_listeners(bound)
+            raise
+
+    def _close_listeners(self, addresses: list[ListenAddress]) -> None:
+        for index in reversed(range(len(self.listen))):
+            if self.listen[index] not in addresses:
+                continue
+            transport, _protocol = self.udp.pop(index)
+            transport.close()
+            self.tcp.pop(index).close()
+            self.acls.pop(index)
+            address = self.bound.pop(index)
+            self.listen.pop(index)
+            log.info("no longer listening on %s", address)
 
     async def stop(self, timeout: float) -> int:
         """Stop accepting, wait for in-flight queries; return how many were abandoned."""
