@@ -361,3 +361,23 @@ def test_a_regex_that_runs_away_on_a_query_costs_that_query_only(
     assert time.monotonic() - started < 1.0  # unbounded, this takes minutes
     assert handler.replies[("template:runaway", "failed", "template:runaway:regex-timeout")] == 1
     assert "took over 10 ms" in caplog.text
+
+
+def test_ra_is_the_servers_so_a_template_zone_carries_it_beside_a_forwarder(tmp_path: Path) -> None:
+    """RFC 1035 §4.1.1: RA tells whether the server recurses; dig warns when it is missing."""
+    rules = r"""
+    zones:
+      mydomain.tld:
+        stages:
+          - template: {type: [A], answer: ['{{ name }} 60 IN A 100.64.0.1']}
+      .:
+        stages:
+          - forward: {upstreams: ["127.0.0.1:9"]}
+    """
+    handler = QueryHandler(config_from(tmp_path, rules).pipeline())
+    wire = asyncio.run(handler.answer(make_query("nodeb.mydomain.tld.")))
+    assert wire[3] & 0x80, "RA clear on the template zone's answer"
+    (tmp_path / "alone").mkdir()
+    alone = QueryHandler(config_from(tmp_path / "alone", RULES).pipeline())
+    wire = asyncio.run(alone.answer(make_query("ip-10-1-2-3.example.")))
+    assert not wire[3] & 0x80, "no forwarder anywhere: no recursion to offer"

@@ -59,7 +59,8 @@ class Zone:
     #: The zone's configuration as text: equal fingerprints mean the same answers.
     fingerprint: str = ""
     chain: Next = field(init=False)
-    #: RA=1 in replies: some stage may ask other servers.
+    #: RA=1 in replies: some stage of this zone may ask other servers (the Pipeline
+    #: then sets it on every zone).
     recursion_available: bool = field(init=False)
     #: Stage name -> time spent in it and the stages after it (seconds).
     timings: dict[str, Histogram] = field(init=False)
@@ -158,6 +159,12 @@ class Pipeline:
         guard: LoopGuard | None = None,
     ) -> None:
         self.zones = {_normalise_zone(z.name): z for z in zones}
+        # RA says whether the *server* offers recursion (RFC 1035 §4.1.1), not a zone:
+        # with a forwarder anywhere, every zone's replies carry it -- dig and stub
+        # resolvers warn "recursion requested but not available" otherwise.
+        if any(z.recursion_available for z in zones):
+            for zone in zones:
+                zone.recursion_available = True
         self.max_cname_depth = max_cname_depth
         self.guard = guard or LoopGuard()
         # Lowercased wire apex -> (zone, its leading cache stage or None), for the hot path.
