@@ -381,3 +381,12 @@ def test_ra_is_the_servers_so_a_template_zone_carries_it_beside_a_forwarder(tmp_
     alone = QueryHandler(config_from(tmp_path / "alone", RULES).pipeline())
     wire = asyncio.run(alone.answer(make_query("ip-10-1-2-3.example.")))
     assert not wire[3] & 0x80, "no forwarder anywhere: no recursion to offer"
+
+
+def test_the_zone_soa_answers_at_the_apex_when_no_stage_does(pipeline: Pipeline) -> None:
+    reply = resolve(pipeline, make_query("Example.", "SOA"))
+    assert reply.rcode == NOERROR and reply.authoritative
+    assert _text(reply.answer) == ["example. 30 IN SOA ns.example. hostmaster.example. 1 3600 600 86400 30"]
+    # Only at the apex: below it an SOA query is NODATA, the SOA in authority.
+    below = resolve(pipeline, make_query("zzz.example.", "SOA"))
+    assert below.rcode == NOERROR and below.answer == [] and below.outcome is Outcome.NODATA

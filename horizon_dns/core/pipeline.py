@@ -35,6 +35,7 @@ from horizon_dns.core.stats import Histogram
 from horizon_dns.core.wire import NOERROR, NXDOMAIN, REFUSED, SERVFAIL
 
 MAX_CNAME_DEPTH = 8
+TYPE_SOA = 6  # RFC 1035 §3.2.2
 TYPE_CNAME = 5  # RFC 1035 §3.2.2; a plain int: dnslib's QTYPE.CNAME is a slow lookup per use
 _NO_CHASE = frozenset({TYPE_CNAME, QTYPE.ANY})
 _ZONE_TRANSFERS = frozenset({251, 252})  # IXFR, AXFR: our zones are synthesized, nothing to transfer
@@ -101,7 +102,15 @@ class Zone:
 
 
 def _build_chain(zone: Zone, stages: list[Stage]) -> Next:
+    apex = text_to_name(_normalise_zone(zone.name))
+
     async def end_of_chain(query: Query) -> Reply:
+        if query.qtype == TYPE_SOA and zone.soa is not None and query.qname_wire.lower() == apex:
+            # The zone's own SOA at its apex (RFC 1034 §4.3.2): the record its negative
+            # answers already carry, asked for by name.
+            query.note("end of chain: the zone's SOA at its apex")
+            soa = [zone.soa]
+            return Reply(NOERROR, "pipeline", Outcome.ANSWER, "apex-soa", answer=soa, authoritative=True)
         if query.name_exists is not None:
             query.note(f"end of chain: NODATA ({query.name_exists} vouched the name exists)")
             return Reply(
