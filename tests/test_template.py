@@ -390,3 +390,22 @@ def test_the_zone_soa_answers_at_the_apex_when_no_stage_does(pipeline: Pipeline)
     # Only at the apex: below it an SOA query is NODATA, the SOA in authority.
     below = resolve(pipeline, make_query("zzz.example.", "SOA"))
     assert below.rcode == NOERROR and below.answer == [] and below.outcome is Outcome.NODATA
+
+
+def test_an_unknown_filter_is_a_config_error_with_its_line(tmp_path: Path) -> None:
+    rules = """
+    zones:
+      t.test:
+        stages:
+          - template:
+              answer: ['{{ name | nosuchfilter }} 60 IN A 192.0.2.1']
+          - template:
+              name: w
+              when: "name | nofilter"
+              answer: ['{{ name }} 60 IN A 192.0.2.1']
+    """
+    with pytest.raises(ConfigError) as info:
+        config_from(tmp_path, rules)
+    found = {(i.line, i.message) for i in info.value.issues}
+    assert (6, "template error: No filter named 'nosuchfilter'.") in found
+    assert (9, "expression error: No filter named 'nofilter'.") in found

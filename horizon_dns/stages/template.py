@@ -91,6 +91,9 @@ def _alias_filter(aliases: dict[str, str]) -> Any:
     return alias
 
 
+_FILTERS_HINT = "filters are 'alias' and Jinja's built-ins (lower, upper, replace, default, join, ...)"
+
+
 def make_environment(aliases: dict[str, str]) -> jinja2.Environment:
     """A sandboxed Jinja2 environment where any undefined name is an error."""
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False)
@@ -404,9 +407,13 @@ def _compile_lines(
                 item_node(node, i), f"template syntax error: {exc.message}", "check {{ }} and {% %} pairs"
             )
             continue
-        if not _check_references(ast, item_where, item_node(node, i), groups, ngroups):
+        try:
+            if not _check_references(ast, item_where, item_node(node, i), groups, ngroups):
+                continue
+            templates.append(env.from_string(source))
+        except jinja2.TemplateError as exc:  # an unknown filter or test surfaces at compile time
+            item_where.error(item_node(node, i), f"template error: {exc.message or exc}", _FILTERS_HINT)
             continue
-        templates.append(env.from_string(source))
         fast.append(compile_simple(ast, env))
     if len(templates) != len(sources):
         return _Lines([], [])
@@ -452,9 +459,13 @@ def _compile_when(
             "write a Jinja expression such as: group.h in alias",
         )
         return None
-    if not _check_references(ast, where, node, groups, ngroups):
+    try:
+        if not _check_references(ast, where, node, groups, ngroups):
+            return None
+        expression = env.compile_expression(source)
+    except jinja2.TemplateError as exc:  # an unknown filter or test surfaces at compile time
+        where.error(node, f"expression error: {exc.message or exc}", _FILTERS_HINT)
         return None
-    expression = env.compile_expression(source)
     # Remembered so the stage can tell whether its answers depend on the client.
     expression.uses_client = "client" in jinja2.meta.find_undeclared_variables(ast)  # type: ignore[attr-defined]
     return expression
