@@ -299,6 +299,13 @@ class Runtime:
                 await self.metrics.stop()
                 self.metrics = None
             await self._start_metrics(config)
+        if config.workers != old_config.workers and self.worker == 0:
+            # Processes are forked at start; a reload does not fork or end them.
+            log.warning(
+                "workers: %d -> %d takes effect at the next restart, not on reload",
+                old_config.workers,
+                config.workers,
+            )
         self.config = config
         if carried:
             log.info("reload kept %d cached entries", carried)

@@ -424,3 +424,16 @@ def test_a_reload_to_a_taken_port_keeps_every_old_listener(tmp_path: Path) -> No
             await server.stop(1)
 
     asyncio.run(scenario())
+
+
+def test_a_reload_that_changes_workers_says_it_needs_a_restart(tmp_path: Path) -> None:
+    server = start_server(tmp_path, RELOAD_RULES, "watch: false\n", ipv6=False, port=_free_port())
+    try:
+        server.config.write_text(server.config.read_text() + "workers: 2\n")
+        server.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "reloaded:" not in server.log_text() and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling the log: the server says when it is done
+        assert "workers: 1 -> 2 takes effect at the next restart, not on reload" in server.log_text()
+    finally:
+        server.stop()
