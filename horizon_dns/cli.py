@@ -47,7 +47,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return asyncio.run(serve(config))
     except BindError as exc:
         print(f"horizon-dns: {exc}", file=sys.stderr)
-        print("  hint: another DNS server may hold the port; change 'listen:' in the config", file=sys.stderr)
+        print(f"  hint: {exc.hint}", file=sys.stderr)
         return 3
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import re
 import signal
 import socket
@@ -407,8 +408,9 @@ def test_a_reload_to_a_taken_port_keeps_every_old_listener(tmp_path: Path) -> No
         blocker.bind(("127.0.0.1", 0))  # another program holds this port
         try:
             taken = int(blocker.getsockname()[1])
-            with pytest.raises(BindError):
+            with pytest.raises(BindError) as info:
                 await server.rebind([ListenAddress("127.0.0.1", taken)])
+            assert "holds the port" in info.value.hint
             assert [a.port for a in server.bound] == [old]
             assert await udp_exchange(old, query, 2.0) is not None  # still answering
             await server.rebind([ListenAddress("127.0.0.1", fresh)])
@@ -437,3 +439,9 @@ def test_a_reload_that_changes_workers_says_it_needs_a_restart(tmp_path: Path) -
         assert "workers: 1 -> 2 takes effect at the next restart, not on reload" in server.log_text()
     finally:
         server.stop()
+
+
+def test_a_bind_error_hints_at_its_usual_cause() -> None:
+    assert "CAP_NET_BIND_SERVICE" in BindError("cannot listen", errno.EACCES).hint
+    assert "ip addr" in BindError("cannot listen", errno.EADDRNOTAVAIL).hint
+    assert "listen:" in BindError("cannot listen", None).hint

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import socket
 from collections.abc import Sequence
@@ -29,7 +30,19 @@ log = logging.getLogger("horizon_dns.net.server")
 
 
 class BindError(Error):
-    """A listen address could not be bound."""
+    """A listen address could not be bound; ``hint`` says what usually fixes it."""
+
+    def __init__(self, message: str, errno_: int | None = None) -> None:
+        super().__init__(message)
+        self.hint = _BIND_HINTS.get(errno_ or 0, "change 'listen:' in the config")
+
+
+_BIND_HINTS = {
+    errno.EADDRINUSE: "another program (a DNS server?) holds the port; change 'listen:' in the config",
+    errno.EACCES: "ports below 1024 need root or CAP_NET_BIND_SERVICE (the shipped systemd unit"
+    " grants it); or listen on a port above 1023",
+    errno.EADDRNOTAVAIL: "no interface of this machine has that address (see 'ip addr'); change 'listen:'",
+}
 
 
 def _socket(host: str, port: int, kind: int, reuse_port: bool = False) -> socket.socket:
@@ -92,7 +105,7 @@ class DnsServer:
             try:
                 udp_sock = _socket(address.host, address.port, socket.SOCK_DGRAM, self.reuse_port)
             except OSError as exc:
-                raise BindError(f"cannot listen on UDP {address}: {exc.strerror}") from exc
+                raise BindError(f"cannot listen on UDP {address}: {exc.strerror}", exc.errno) from exc
             port = udp_sock.getsockname()[1]
             try:
                 tcp_sock = _socket(address.host, port, socket.SOCK_STREAM, self.reuse_port)
@@ -100,7 +113,7 @@ class DnsServer:
                 udp_sock.close()
                 if attempt + 1 < attempts:
                     continue  # the ephemeral UDP port is taken on TCP; pick another
-                raise BindError(f"cannot listen on TCP {address}: {exc.strerror}") from exc
+                raise BindError(f"cannot listen on TCP {address}: {exc.strerror}", exc.errno) from exc
             break
         acl = Acl(address.allow)
         if self.batched:
