@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import sys
 from collections.abc import Sequence
@@ -70,8 +71,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     try:
         parse_qtype(args.type)
+        ipaddress.ip_address(args.client)
+        if not args.name.isascii():
+            # What a stub resolver sends for a name typed in Unicode (RFC 5891 §5).
+            args.name = args.name.encode("idna").decode("ascii")
         text_to_name(args.name)
-    except ValueError as exc:
+    except (ValueError, UnicodeError) as exc:
         print(f"horizon-dns explain: {exc}", file=sys.stderr)
         return 2
     config = _load(args.config)

@@ -181,6 +181,15 @@ def test_explain_cli_offline_exit_code(tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stderr  # offline: the overlay is skipped, fallback answers
     assert "overlay" not in run.stdout.split("answered by")[0] and "203.0.113.10" in run.stdout
+    # A name typed in Unicode is asked in its IDNA form, as a stub resolver would send it.
+    run = subprocess.run(
+        [*command, "--offline", "bücher.mydomain.tld"], capture_output=True, text=True, timeout=60
+    )
+    assert "query: xn--bcher-kva.mydomain.tld. A" in run.stdout, run.stdout + run.stderr
+    run = subprocess.run(
+        [*command, "--client", "notanip", "x.test"], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 2 and "'notanip' does not appear to be an IPv4 or IPv6 address" in run.stderr
     (tmp_path / "b").mkdir()
     config = config_from(tmp_path / "b", EXPLAIN_RULES)
     _text, rcode = asyncio.run(explain(config, "x.nowhere", "A", "127.0.0.1", offline_only=True))
