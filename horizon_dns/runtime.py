@@ -26,7 +26,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from horizon_dns.config.model import Config, describe, load_config
+from horizon_dns.config.model import Config, describe, load_config, rules_files
 from horizon_dns.core.access import EdgePolicy
 from horizon_dns.core.handler import QueryHandler
 from horizon_dns.core.pipeline import Pipeline
@@ -89,8 +89,9 @@ def _snapshot(config: Config) -> dict[str, tuple[int, int]]:
     paths: list[Path] = []
     if config.path is not None:
         paths.append(config.path)
-    if config.rules_dir is not None and config.rules_dir.is_dir():
-        paths.extend(sorted(config.rules_dir.glob("*.yaml")))
+    if config.rules_dir is not None:
+        with contextlib.suppress(OSError):  # unreadable now: the reload it triggers will say so
+            paths.extend(rules_files(config.rules_dir) or [])
     out: dict[str, tuple[int, int]] = {}
     for path in paths:
         with contextlib.suppress(OSError):

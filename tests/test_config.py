@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import config_from, write_config
 
 from horizon_dns.config.model import load_config, parse_listen
 from horizon_dns.errors import ConfigError, ConfigIssue
+from horizon_dns.stages.cache import CacheStage
 
 GOOD_TEMPLATE = r"""
 zones:
@@ -231,3 +234,250 @@ def test_example_rules_pass_check(tmp_path: Path, example: str) -> None:
     config = config_from(tmp_path, rules, server)
     names = [stage.name for zone in config.zones for stage in zone.stages]
     assert f"overlay:{example}" in names
+
+
+# Review findings: every one reported with file:line and a hint, never a traceback.
+
+TEMPLATE_ZONE = r"""
+zones:
+  t.:
+    stages:
+      - template: {answer: ['{{ name }} 1 IN A 192.0.2.1']}
+"""
+
+
+def located(issue: ConfigIssue, file: str, line: int) -> str:
+    """``str(issue)`` after checking that it names ``file:line``, as ``check`` prints it."""
+    text = str(issue)
+    assert f"{file}:{line}:" in text, text
+    return text
+
+
+@pytest.mark.parametrize(
+    ("listen", "message", "hint"),
+    [
+        ('[{adress: "127.0.0.1:5491"}]', "required key 'address' is missing", "address: 100.64.0.1:53"),
+        ("[{allow: [10.0.0.0/8]}]", "required key 'address' is missing", "address: 100.64.0.1:53"),
+        ("[{address: null}]", "expected a string, found None", "address: 100.64.0.1:53"),
+        ("{a: 1}", "required key 'address' is missing", "address: 100.64.0.1:53"),
+    ],
+)
+def test_bad_listen_entries_are_errors_not_tracebacks(
+    tmp_path: Path, listen: str, message: str, hint: str
+) -> None:
+    issues = issues_of(tmp_path, TEMPLATE_ZONE, f"listen: {listen}\n")
+    issue = find(issues, message)
+    assert "hint: " + hint in located(issue, "horizon.yaml", 2)
+
+
+def test_misspelt_listen_key_gets_did_you_mean(tmp_path: Path) -> None:
+    issues = issues_of(tmp_path, TEMPLATE_ZONE, 'listen: [{adress: "127.0.0.1:5491"}]\n')
+    assert "did you mean 'address'?" in located(find(issues, "unknown key 'adress'"), "horizon.yaml", 2)
+
+
+def test_fallback_that_is_not_a_mapping_is_an_error(tmp_path: Path) -> None:
+    rules = TEMPLATE_ZONE + "    fallback: '.'\n"
+    issue = find(issues_of(tmp_path, rules), "expected a mapping of keys, found str '.'")
+    assert "hint: write fallback: {zone: '.'}" in located(issue, "rules/10-test.yaml", 6)
+
+
+@pytest.mark.parametrize("soa", ["", "    soa: false\n"])
+def test_non_ascii_zone_name_asks_for_the_idna_form(tmp_path: Path, soa: str) -> None:
+    rules = TEMPLATE_ZONE.replace("  t.:\n", "  bücher.test:\n" + soa)
+    issue = find(issues_of(tmp_path, rules), "zone 'bücher.test' is not a domain name: it is not ASCII")
+    assert "write the IDNA form xn--bcher-kva.test" in located(issue, "rules/10-test.yaml", 3)
+
+
+@pytest.mark.parametrize(
+    ("zone", "message", "hint"),
+    [
+        ("a test", "it contains ' '", "labels of letters, digits"),
+        ("a..b", "it has an empty label", "remove the doubled"),
+        ("a" * 64 + ".tld", "is 64 octets long", "at most 63 octets"),
+        (".".join(["a" * 60] * 5), "longer than 255 octets", "at most 255 octets"),
+    ],
+)
+def test_zone_names_must_be_domain_names(tmp_path: Path, zone: str, message: str, hint: str) -> None:
+    rules = TEMPLATE_ZONE.replace("  t.:\n", f"  {zone}:\n")
+    issue = find(issues_of(tmp_path, rules), message)
+    assert f"zone {zone!r} is not a domain name" in issue.message
+    assert "hint: " in located(issue, "rules/10-test.yaml", 3) and hint in issue.hint
+
+
+def test_service_and_classless_reverse_zone_names_load(tmp_path: Path) -> None:
+    rules = TEMPLATE_ZONE.replace("  t.:\n", "  _tcp.Example.tld:\n") + TEMPLATE_ZONE.replace(
+        "zones:\n  t.:\n", "  0/25.2.0.192.in-addr.arpa:\n"
+    )
+    config = config_from(tmp_path, rules)
+    assert [z.name for z in config.zones] == ["_tcp.example.tld.", "0/25.2.0.192.in-addr.arpa."]
+
+
+def test_yaml_merge_keys_work_and_own_keys_win(tmp_path: Path) -> None:
+    rules = """
+    zones:
+      a.test:
+        stages:
+          - cache: &small {max_entries: 5, max_ttl: 60}
+      b.test:
+        stages:
+          - cache: {<<: *small, max_ttl: 120}
+      c.test:
+        stages:
+          - cache: {<<: [{max_entries: 7}, *small]}
+    """
+    config = config_from(tmp_path, rules)
+    caches = [zone.stages[0] for zone in config.zones]
+    assert all(isinstance(cache, CacheStage) for cache in caches)
+    assert [(c.max_entries, c.max_ttl) for c in caches if isinstance(c, CacheStage)] == [
+        (5, 60),
+        (5, 120),
+        (7, 60),
+    ]
+
+
+def test_merged_keys_are_checked_where_they_are_written(tmp_path: Path) -> None:
+    rules = """
+    zones:
+      a.test:
+        stages:
+          - cache: &bad {max_entires: 5}
+      b.test:
+        stages:
+          - cache: {<<: [*bad, 1]}
+    """
+    issues = issues_of(tmp_path, rules)
+    issue = find(issues, "the merge key '<<' takes a mapping or a list of mappings, found int 1")
+    assert "hint: write '<<: *name'" in located(issue, "rules/10-test.yaml", 8)
+    typos = [i for i in issues if i.message == "unknown key 'max_entires'"]
+    assert [i.line for i in typos] == [5, 5] and typos[0].hint == "did you mean 'max_entries'?"
+
+
+def test_unknown_yaml_tag_is_an_error(tmp_path: Path) -> None:
+    issue = find(issues_of(tmp_path, TEMPLATE_ZONE, "nsid: !host name\n"), "cannot read 'name' (!host)")
+    assert "hint: quote it as a string" in located(issue, "horizon.yaml", 2)
+
+
+def test_second_yaml_document_is_an_error(tmp_path: Path) -> None:
+    issue = find(issues_of(tmp_path, TEMPLATE_ZONE + "---\naliases: {}\n"), "one file holds one document")
+    assert "hint: remove the '---' line" in located(issue, "rules/10-test.yaml", 6)
+
+
+def test_unreadable_rules_folder_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The tests run as root, where chmod 000 does not stop reading: fail the listing instead.
+    config = write_config(tmp_path, TEMPLATE_ZONE)
+    rules_dir = str(tmp_path / "rules")
+    real_scandir = os.scandir
+
+    def scandir(path: Any) -> Any:
+        if os.fspath(path) == rules_dir:
+            raise PermissionError(13, "Permission denied", rules_dir)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(ConfigError) as info:
+        load_config(config)
+    issue = find(info.value.issues, f"cannot read rules folder {rules_dir}: Permission denied")
+    assert "hint: let the server's user read" in located(issue, "horizon.yaml", 1)
+
+
+def test_rules_path_that_is_a_file_says_so(tmp_path: Path) -> None:
+    config = tmp_path / "horizon.yaml"
+    config.write_text("rules: horizon.yaml\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(config)
+    issue = find(info.value.issues, f"rules folder {config} is a file, not a folder")
+    assert "hint: point 'rules:' at the folder" in located(issue, "horizon.yaml", 1)
+
+
+@pytest.mark.parametrize("listen", ["listen: []\n", "listen:\n"])
+def test_empty_listen_is_an_error(tmp_path: Path, listen: str) -> None:
+    issue = find(issues_of(tmp_path, TEMPLATE_ZONE, listen), "no listen address")
+    assert "127.0.0.1:5300 and [::1]:5300" in located(issue, "horizon.yaml", 2)
+
+
+def test_same_listen_address_twice_is_an_error_naming_both(tmp_path: Path) -> None:
+    server = """
+    listen:
+      - 127.0.0.1:5494
+      - {address: "127.0.0.1:5494"}
+      - "[::1]:5494"
+      - "[0::1]:5494"
+      - 127.0.0.1:0
+      - 127.0.0.1:0
+    """
+    issues = issues_of(tmp_path, TEMPLATE_ZONE, server)
+    twice = [i for i in issues if "listed twice" in i.message]
+    assert [i.message for i in twice] == [
+        "127.0.0.1:5494 is listed twice: listen[0] (line 4) and listen[1]",
+        "[0::1]:5494 is listed twice: listen[2] (line 6) and listen[3]",
+    ]
+    assert "hint: the second bind would fail" in located(twice[0], "horizon.yaml", 5)
+    assert twice[1].line == 7
+
+
+def test_loopback_listen_map_needs_no_allow(tmp_path: Path) -> None:
+    config = config_from(tmp_path, TEMPLATE_ZONE, 'listen: [{address: "127.0.0.1:5491"}, {address: "::1"}]\n')
+    assert [(str(a), a.allow) for a in config.listen] == [
+        ("127.0.0.1:5491", ("127.0.0.0/8", "::1/128")),
+        ("[::1]:53", ("127.0.0.0/8", "::1/128")),
+    ]
+
+
+def test_non_loopback_listen_map_still_needs_allow(tmp_path: Path) -> None:
+    issues = issues_of(tmp_path, TEMPLATE_ZONE, 'listen: [{address: "100.64.0.1:53"}]\n')
+    issue = find(issues, "100.64.0.1:53 is not a loopback address")
+    assert "hint: add allow: [...] with 100.64.0.0/10" in located(issue, "horizon.yaml", 2)
+
+
+def test_nsid_is_capped_at_128_octets(tmp_path: Path) -> None:
+    assert config_from(tmp_path, TEMPLATE_ZONE, f"nsid: {'n' * 128}\n").nsid == "n" * 128
+    issue = find(issues_of(tmp_path, TEMPLATE_ZONE, f"nsid: {'ü' * 65}\n"), "nsid is 130 octets long")
+    assert "the limit is 128" in issue.message and "hint: a short name" in located(issue, "horizon.yaml", 2)
+
+
+def test_ipv6_listen_without_brackets_hints_at_brackets(tmp_path: Path) -> None:
+    issue = find(issues_of(tmp_path, TEMPLATE_ZONE, 'listen: ["::1:5491"]\n'), "is not a loopback address")
+    assert "if you meant port 5491 on ::1, write [::1]:5491" in located(issue, "horizon.yaml", 2)
+
+
+def test_metrics_yes_hints_at_false_or_a_mapping(tmp_path: Path) -> None:
+    issue = find(issues_of(tmp_path, TEMPLATE_ZONE, "metrics: yes\n"), "expected a mapping of keys")
+    assert "hint: write metrics: false to turn it off, or a mapping" in located(issue, "horizon.yaml", 2)
+
+
+def test_unknown_stage_kind_gets_did_you_mean(tmp_path: Path) -> None:
+    issue = find(issues_of(tmp_path, TEMPLATE_ZONE.replace("template:", "templat:")), "unknown stage kind")
+    assert "hint: did you mean 'template'?" in located(issue, "rules/10-test.yaml", 5)
+
+
+def test_server_key_in_rules_file_says_where_it_belongs(tmp_path: Path) -> None:
+    issues = issues_of(tmp_path, TEMPLATE_ZONE + "listen: [127.0.0.1:53]\nnsdi: x\n")
+    issue = find(issues, "'listen' is a server setting: it belongs in the server file")
+    assert f"move it to {tmp_path / 'horizon.yaml'}" in located(issue, "rules/10-test.yaml", 6)
+    assert find(issues, "unknown key 'nsdi'").hint == "known keys: aliases, zones"
+
+
+def test_duplicate_stage_names_across_files_point_at_the_second(tmp_path: Path) -> None:
+    stage = (
+        "zones:\n  t.:\n    stages:\n      - template: {name: x, answer: ['{{ name }} 1 IN A 192.0.2.1']}\n"
+    )
+    issues = issues_of(tmp_path, {"10-a.yaml": stage, "20-b.yaml": "\n" + stage})
+    issue = find(issues, "two stages are named 'template:x'")
+    text = located(issue, "rules/20-b.yaml", 5)
+    assert "rules/10-a.yaml:4 (zones.t..stages[0])" in text and "hint: give each stage a distinct" in text
+
+
+def test_check_cli_reports_former_tracebacks_as_problems(tmp_path: Path) -> None:
+    rules = TEMPLATE_ZONE + "    fallback: '.'\n  bücher.test:\n    stages: [cache: {}]\n"
+    config = write_config(tmp_path, rules, 'listen: [{adress: "127.0.0.1:5491"}]\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "horizon_dns", "check", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "horizon.yaml:2: listen[0].address: required key 'address' is missing" in result.stderr
+    assert "10-test.yaml:6: zones.t..fallback: expected a mapping of keys" in result.stderr
+    assert "10-test.yaml:7: zones.bücher.test: zone 'bücher.test' is not a domain name" in result.stderr

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import stat
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -30,6 +31,7 @@ from horizon_dns.config.source import (
     Where,
     as_bool,
     as_str,
+    did_you_mean,
     int_range,
     line_of,
     number_range,
@@ -40,7 +42,7 @@ from horizon_dns.core.access import LOOPBACK
 from horizon_dns.core.address import split_host_port
 from horizon_dns.core.encode import DEFAULT_UDP_PAYLOAD
 from horizon_dns.core.loop import LoopGuard
-from horizon_dns.core.names import text_to_name
+from horizon_dns.core.names import MAX_LABEL, MAX_NAME_WIRE, text_to_name
 from horizon_dns.core.pipeline import Pipeline, Zone
 from horizon_dns.core.stage import Stage
 from horizon_dns.errors import ConfigError, ConfigIssue
@@ -117,16 +119,49 @@ def parse_listen(text: str) -> ListenAddress:
     return ListenAddress(host, port)
 
 
+class BadName(ValueError):
+    """A zone name that is not a domain name; ``hint`` says how to write it."""
+
+    def __init__(self, message: str, hint: str) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+ZONE_NAME_HINT = "a zone name is labels of letters, digits, '-' and '_' joined by dots, e.g. mydomain.tld"
+# Host name characters (RFC 952/1123) plus '_' (service labels such as _tcp) and
+# '/' (RFC 2317 classless reverse zones such as 0/25.2.0.192.in-addr.arpa).
+_ZONE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_/.")
+
+
 def zone_key(text: str) -> str:
-    """Normalise a zone name; raise ValueError when it is not a domain name."""
+    """Normalise a zone name; raise :class:`BadName` when it is not a domain name."""
     name = text.strip().lower()
     if name in ("", "."):
         return "."
+    if not name.isascii():
+        # DNS itself is 8-bit clean, but every resolver asks for the IDNA form
+        # (RFC 5890), so a zone written in Unicode would never match a query.
+        try:
+            hint = f"zone names must be ASCII: write the IDNA form {name.encode('idna').decode('ascii')}"
+        except UnicodeError:
+            hint = "zone names must be ASCII: write the IDNA form (xn--...)"
+        raise BadName("it is not ASCII", hint)
+    bad = sorted(set(name) - _ZONE_CHARS)
+    if bad:
+        raise BadName(f"it contains {', '.join(repr(ch) for ch in bad)}", ZONE_NAME_HINT)
     if not name.endswith("."):
         name += "."
-    text_to_name(name)  # raises on empty or over-long labels
-    if ".." in name:
-        raise ValueError(f"{text!r} has an empty label")
+    labels = name[:-1].split(".")
+    if "" in labels:
+        raise BadName("it has an empty label", "remove the doubled, leading or trailing dot")
+    for label in labels:
+        if len(label) > MAX_LABEL:
+            raise BadName(
+                f"label {label[:20] + '...'!r} is {len(label)} octets long",
+                f"a label holds at most {MAX_LABEL} octets (RFC 1035 §2.3.4)",
+            )
+    if sum(len(label) + 1 for label in labels) + 1 > MAX_NAME_WIRE:
+        raise BadName("it is longer than 255 octets", "a name holds at most 255 octets (RFC 1035 §3.1)")
     return name
 
 
@@ -186,8 +221,8 @@ class _Loader:
             where = zones.where.child(key)
             try:
                 name = zone_key(key)
-            except ValueError as exc:
-                where.error(zones.items[key][0], f"zone {key!r} is not a domain name: {exc}")
+            except BadName as exc:
+                where.error(zones.items[key][0], f"zone {key!r} is not a domain name: {exc}", exc.hint)
                 zones.raw(key)
                 continue
             self.read_zone(name, zones.section(key))
@@ -218,7 +253,7 @@ class _Loader:
         zone.finish()
 
     def read_fallback(self, name: str, draft: _ZoneDraft, zone: Section) -> None:
-        section = zone.section("fallback")
+        section = zone.section("fallback", hint="write fallback: {zone: '.'} (rcodes optional)")
         if draft.fallback is not None:
             section.where.error(section.node, f"fallback of zone {name} is already set")
             return
@@ -246,8 +281,8 @@ class _Loader:
             target_text, rcodes, where, node = draft.fallback
             try:
                 target = zone_key(target_text)
-            except ValueError as exc:
-                where.child("zone").error(node, f"{target_text!r} is not a zone name: {exc}")
+            except BadName as exc:
+                where.child("zone").error(node, f"{target_text!r} is not a zone name: {exc}", exc.hint)
                 continue
             zone = zones[name]
             if target == name:
@@ -275,22 +310,25 @@ class _Loader:
             if soa is None and not draft.soa_disabled and name != ".":
                 soa = default_soa(name)
             stages: list[Stage] = []
+            first: dict[str, tuple[Node, Where]] = {}  # stage name -> where it is defined
             for index, (node, where) in enumerate(draft.stages):
                 context = BuildContext(name, index, self.aliases, soa, self.guard)
                 stage = self.build_stage(node, where, context)
-                if stage is not None:
-                    stages.append(stage)
-            names = [s.name for s in stages]
-            for dup in sorted({n for n in names if names.count(n) > 1}):
-                self.issues.append(
-                    ConfigIssue(
-                        self.files[0],
-                        0,
-                        f"zones.{name}",
-                        f"two stages are named {dup!r}",
+                if stage is None:
+                    continue
+                if stage.name in first:
+                    # A zone's stages may come from several files: point at the
+                    # second definition and say where the first one is.
+                    first_node, first_where = first[stage.name]
+                    where.error(
+                        node,
+                        f"two stages are named {stage.name!r}: this one and the one at"
+                        f" {first_where.file}:{line_of(first_node)} ({first_where.path})",
                         "give each stage a distinct 'name:'",
                     )
-                )
+                    continue
+                first[stage.name] = (node, where)
+                stages.append(stage)
             fingerprint = "\n".join(yaml.serialize(node) for node, _where in draft.stages)
             if draft.fallback is not None:
                 fingerprint += f"\nfallback {draft.fallback[0]} {sorted(draft.fallback[1])}"
@@ -310,7 +348,7 @@ class _Loader:
         kind = scalar_value(key_node) if isinstance(key_node, ScalarNode) else None
         builder = REGISTRY.get(str(kind))
         if builder is None:
-            where.error(key_node, f"unknown stage kind {kind!r}", f"kinds: {', '.join(REGISTRY)}")
+            where.error(key_node, f"unknown stage kind {kind!r}", did_you_mean(str(kind), REGISTRY, "kinds"))
             return None
         return builder(Section(value, where.child(str(kind))), ctx)
 
@@ -364,7 +402,11 @@ def _read_metrics(section: Section) -> ListenAddress | None:
     node = section.raw("metrics")
     if isinstance(node, ScalarNode) and scalar_value(node) is False:
         return None
-    metrics = Section(node, section.where.child("metrics"))
+    metrics = Section(
+        node,
+        section.where.child("metrics"),
+        hint=f"write metrics: false to turn it off, or a mapping: metrics: {{listen: {DEFAULT_METRICS}}}",
+    )
     text = metrics.get("listen", as_str, default=DEFAULT_METRICS)
     metrics.finish()
     try:
@@ -425,21 +467,49 @@ def _read_llmnr(section: Section) -> LlmnrSettings:
 OVERLAY_PREFIXES = "100.64.0.0/10 and fd7a:115c:a1e0::/48 (tailscale), or your zerotier network's prefix"
 
 
+def _port_slip(text: str) -> str:
+    """``::1:5491`` is a valid IPv6 address, but most likely meant ``[::1]:5491``."""
+    head, _, tail = text.strip().rpartition(":")
+    if tail.isdigit() and head.count(":") >= 1:
+        try:
+            ipaddress.IPv6Address(head)
+        except ValueError:
+            return ""
+        return f"if you meant port {tail} on {head}, write [{head}]:{tail}; otherwise "
+    return ""
+
+
 def _read_listen(section: Section) -> list[ListenAddress]:
-    """``listen``: addresses as text, or ``{address: ..., allow: [networks]}``."""
-    if not section.has("listen"):
+    """``listen``: addresses as text, or ``{address: ..., allow: [networks]}``.
+
+    ``allow`` may be left out exactly where the text form needs none: on a
+    loopback address, which then allows loopback clients.
+    """
+    node = section.raw("listen")  # marked as used even when absent: a rules file may not set it
+    if node is None:
         return [parse_listen(text) for text in DEFAULT_LISTEN]
     listen: list[ListenAddress] = []
-    node = section.raw("listen")
-    items = node.value if isinstance(node, SequenceNode) else [node]
     where = section.where.child("listen")
+    empty = isinstance(node, ScalarNode) and scalar_value(node) is None
+    items = [] if empty else node.value if isinstance(node, SequenceNode) else [node]
+    if not items:
+        where.error(
+            node,
+            "no listen address: the server would answer nobody",
+            f"list one, or delete 'listen:' for the default ({' and '.join(DEFAULT_LISTEN)})",
+        )
+        return listen
+    seen: dict[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int], tuple[int, Node]] = {}
     for i, item in enumerate(items):
         here = where.child(i)
         allow: tuple[str, ...] | None = None
         if isinstance(item, MappingNode):
             entry = Section(item, here)
             text = entry.get("address", as_str, hint="address: 100.64.0.1:53")
-            allow = tuple(entry.string_list("allow", hint=f"the overlay's prefixes, e.g. {OVERLAY_PREFIXES}"))
+            if entry.has("allow"):
+                allow = tuple(
+                    entry.string_list("allow", hint=f"the overlay's prefixes, e.g. {OVERLAY_PREFIXES}")
+                )
             entry.finish()
             if text is None:
                 continue
@@ -458,15 +528,33 @@ def _read_listen(section: Section) -> list[ListenAddress]:
                 ipaddress.ip_network(network, strict=False)
             except ValueError:
                 here.child("allow").error(item, f"{network!r} is not a network such as 100.64.0.0/10")
+        ip = ipaddress.ip_address(address.host)
         if allow is None:
-            if not ipaddress.ip_address(address.host).is_loopback:
+            if not ip.is_loopback:
+                form = (
+                    "add allow: [...]"
+                    if isinstance(item, MappingNode)
+                    else f"write {{address: '{address}', allow: [...]}}"
+                )
                 here.error(
                     item,
                     f"{address} is not a loopback address: say who may ask there",
-                    f"write {{address: '{address}', allow: [...]}} with {OVERLAY_PREFIXES}",
+                    f"{_port_slip(text)}{form} with {OVERLAY_PREFIXES}",
                 )
                 continue
             allow = LOOPBACK
+        # Port 0 picks a free port on each bind, so only fixed ports can collide.
+        if address.port != 0:
+            first = seen.get((ip, address.port))
+            if first is not None:
+                twice = f"listen[{first[0]}] (line {line_of(first[1])}) and listen[{i}]"
+                here.error(
+                    item,
+                    f"{address} is listed twice: {twice}",
+                    "the second bind would fail with 'Address already in use': delete one of them",
+                )
+                continue
+            seen[(ip, address.port)] = (i, item)
         listen.append(ListenAddress(address.host, address.port, allow))
     return listen
 
@@ -503,30 +591,100 @@ def _read_server(loader: _Loader, section: Section, base: Path, rules_optional: 
         section.where.child("refuse_udp").error(
             section.node_of("refuse_udp"), f"unknown value {config.refuse_udp!r}", "use silence or refused"
         )
-    if section.has("llmnr"):
-        config.llmnr = _read_llmnr(section.section("llmnr"))
+    llmnr = section.section("llmnr")  # marked as used even when absent, as listen above
+    if llmnr.node is not None:
+        config.llmnr = _read_llmnr(llmnr)
     config.metrics = _read_metrics(section)
     config.query_log_sample = _read_query_log(section)
-    config.nsid = section.get("nsid", as_str, default=socket.gethostname().split(".")[0])
+    config.nsid = section.get(
+        "nsid",
+        _nsid,
+        default=socket.gethostname().split(".")[0],
+        hint=f'a short name for this server, at most {MAX_NSID} octets; "" for none',
+    )
     config.watch = section.get("watch", as_bool, default=True)
     rules = section.get("rules", as_str, default="rules")
     loader.read_rules_content(section)
     section.finish()
     rules_dir = (base / rules) if not os.path.isabs(rules) else Path(rules)
     config.rules_dir = rules_dir
-    if rules_dir.is_dir():
-        for path in sorted(rules_dir.glob("*.yaml")):
-            rules_section = loader.read_file(path)
-            if rules_section is not None:
-                loader.read_rules_content(rules_section)
-                rules_section.finish()
-    elif not rules_optional:
+    rules_node = section.node_of("rules") or section.node
+    try:
+        paths = rules_files(rules_dir)
+    except (FileNotFoundError, NotADirectoryError):
+        if not rules_optional:
+            section.where.child("rules").error(
+                rules_node,
+                f"rules folder {rules_dir} does not exist",
+                "create it, or point 'rules:' at the folder holding your *.yaml rules",
+            )
+        return config
+    except OSError as exc:
+        # Loading no rules would serve a different configuration (and a reload
+        # would replace the running one with it): an unreadable folder is an error.
         section.where.child("rules").error(
-            section.node_of("rules") or section.node,
-            f"rules folder {rules_dir} does not exist",
-            "create it, or point 'rules:' at the folder holding your *.yaml rules",
+            rules_node,
+            f"cannot read rules folder {rules_dir}: {exc.strerror or exc}",
+            "let the server's user read and enter it (chmod u+rx), or point 'rules:' elsewhere",
         )
+        return config
+    if paths is None:
+        if not rules_optional:
+            section.where.child("rules").error(
+                rules_node,
+                f"rules folder {rules_dir} is a file, not a folder",
+                "point 'rules:' at the folder holding your *.yaml rules files",
+            )
+        return config
+    server_keys = section.used - {"aliases", "zones"}
+    for path in paths:
+        rules_section = loader.read_file(path)
+        if rules_section is not None:
+            loader.read_rules_content(rules_section)
+            _refuse_server_keys(rules_section, server_keys, section.where.file)
+            rules_section.finish()
     return config
+
+
+MAX_NSID = 128  # octets; RFC 5001 sets no limit, but every NSID reply carries it
+
+
+def _nsid(value: object) -> str:
+    """The ``nsid`` setting: a string of at most MAX_NSID octets in UTF-8, as it is sent."""
+    text = as_str(value)
+    size = len(text.encode("utf-8"))
+    if size > MAX_NSID:
+        # An NSID of kilobytes would push UDP replies past the client's payload size.
+        raise ValueError(f"nsid is {size} octets long; the limit is {MAX_NSID}")
+    return text
+
+
+def rules_files(rules_dir: Path) -> list[Path] | None:
+    """The ``*.yaml`` files of ``rules_dir`` in lexical order; None when it is not a folder.
+
+    Raises OSError when the folder cannot be read: ``Path.glob`` would swallow that
+    and return no files, and no rules is not what the folder holds.
+    """
+    if not stat.S_ISDIR(rules_dir.stat().st_mode):
+        return None
+    with os.scandir(rules_dir) as entries:
+        return sorted(Path(entry.path) for entry in entries if entry.name.endswith(".yaml"))
+
+
+def _refuse_server_keys(section: Section, server_keys: set[str], server_file: str) -> None:
+    """A server setting in a rules file: say where it belongs, rather than "did you mean"."""
+    for key in section.names():
+        if key in server_keys and key not in section.used:
+            key_node, _value = section.items.pop(key)  # reported here, not again by finish()
+            if server_file == EMBEDDED:
+                hint = "rules files hold only 'aliases' and 'zones'; write a server file and pass --config"
+            else:
+                hint = f"rules files hold only 'aliases' and 'zones'; move it to {server_file}"
+            section.where.child(key).error(
+                key_node,
+                f"{key!r} is a server setting: it belongs in the server file, not in a rules file",
+                hint,
+            )
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
@@ -574,4 +732,4 @@ def describe(config: Config) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Config", "ListenAddress", "describe", "line_of", "load_config"]
+__all__ = ["Config", "ListenAddress", "describe", "line_of", "load_config", "rules_files"]

@@ -11,8 +11,8 @@ appended to a shared list so ``check`` can report all of them at once.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar, overload
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
@@ -27,20 +27,110 @@ class _StrictLoader(yaml.SafeLoader):
     """SafeLoader that only composes; constructing is done per scalar below."""
 
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_STR_TAG = "tag:yaml.org,2002:str"
+
+
 def parse_yaml(text: str, file: str, issues: list[ConfigIssue]) -> Node | None:
-    """Compose ``text`` into nodes; on a syntax error record it and return None."""
+    """Compose ``text`` into nodes; on a syntax error record it and return None.
+
+    Merge keys (``<<: *defaults``) are resolved here, so readers never see them.
+    """
     try:
-        return yaml.compose(text, Loader=_StrictLoader)
+        root: Node | None = yaml.compose(text, Loader=_StrictLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else 0
         problem = exc.problem or "invalid YAML"
-        issues.append(
-            ConfigIssue(file, line, "", f"YAML syntax error: {problem}", "check indentation and quoting")
-        )
+        if problem.startswith("but found another document"):
+            # PyYAML's "expected a single document" reads like a syntax slip; it is not.
+            issues.append(
+                ConfigIssue(
+                    file,
+                    line,
+                    "",
+                    "a second YAML document starts here: one file holds one document",
+                    "remove the '---' line (and merge the documents), or move the rest to its own file",
+                )
+            )
+        else:
+            issues.append(
+                ConfigIssue(file, line, "", f"YAML syntax error: {problem}", "check indentation and quoting")
+            )
+        return None
     except yaml.YAMLError as exc:
         issues.append(ConfigIssue(file, 0, "", f"YAML error: {exc}"))
-    return None
+        return None
+    except RecursionError:
+        issues.append(ConfigIssue(file, 0, "", "YAML nested too deeply", "flatten the document"))
+        return None
+    if root is not None:
+        _resolve(root, Where(file, issues), set())
+    return root
+
+
+def _resolve(node: Node, where: Where, seen: set[int]) -> None:
+    """Resolve merge keys in place and make sure every scalar can be read.
+
+    Anchored nodes are shared between their aliases, so each node is visited once
+    (``seen``), which also ends alias cycles such as ``&a {<<: *a}``.
+    """
+    if id(node) in seen:
+        return
+    seen.add(id(node))
+    if isinstance(node, MappingNode):
+        _merge(node, where, seen)
+        for key, value in node.value:
+            _resolve(key, where, seen)
+            _resolve(value, where, seen)
+    elif isinstance(node, SequenceNode):
+        for item in node.value:
+            _resolve(item, where, seen)
+    elif isinstance(node, ScalarNode):
+        try:
+            scalar_value(node)
+        except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:
+            problem = exc.problem if isinstance(exc, yaml.MarkedYAMLError) else str(exc)
+            where.error(node, f"cannot read {node.value!r} ({node.tag}): {problem}", "quote it as a string")
+            node.tag = _STR_TAG  # read on as the text it is, so one bad value is one error
+
+
+def _merge(node: MappingNode, where: Where, seen: set[int]) -> None:
+    """Replace ``<<`` keys by the pairs of the mappings they name (YAML merge key).
+
+    As the YAML 1.1 merge type says: keys of the mapping itself win, and of
+    several merged mappings the earlier wins. The merged pairs come first, as
+    PyYAML puts them, and keep their own lines, so an error in one points at
+    where it is written.
+    """
+    if not any(key.tag == _MERGE_TAG for key, _value in node.value):
+        return
+    own = [(key, value) for key, value in node.value if key.tag != _MERGE_TAG]
+    taken = {key.value for key, _value in own if isinstance(key, ScalarNode)}
+    merged: list[tuple[Node, Node]] = []
+    for key, value in node.value:
+        if key.tag != _MERGE_TAG:
+            continue
+        sources = value.value if isinstance(value, SequenceNode) else [value]
+        for source in sources:
+            if not isinstance(source, MappingNode):
+                where.error(
+                    source,
+                    f"the merge key '<<' takes a mapping or a list of mappings, found {_kind(source)}",
+                    "write '<<: *name' where '&name' marks a mapping",
+                )
+                continue
+            _resolve(source, where, seen)  # its own merge keys first
+            for pair in source.value:
+                pair_key = pair[0]
+                if pair_key.tag == _MERGE_TAG:
+                    continue  # only left in a mapping that merges itself
+                if isinstance(pair_key, ScalarNode):
+                    if pair_key.value in taken:
+                        continue
+                    taken.add(pair_key.value)
+                merged.append(pair)
+    node.value = merged + own
 
 
 def scalar_value(node: ScalarNode) -> Any:
@@ -99,7 +189,7 @@ def _kind(node: Node) -> str:
 class Section:
     """Reads the keys of one YAML mapping; unknown and duplicate keys are errors."""
 
-    def __init__(self, node: Node | None, where: Where) -> None:
+    def __init__(self, node: Node | None, where: Where, hint: str = "") -> None:
         self.where = where
         self.node = node
         self.items: dict[str, tuple[Node, Node]] = {}
@@ -108,7 +198,7 @@ class Section:
         if node is None or (isinstance(node, ScalarNode) and scalar_value(node) is None):
             return  # an empty section: every key takes its default
         if not isinstance(node, MappingNode):
-            where.error(node, f"expected a mapping of keys, found {_kind(node)}")
+            where.error(node, f"expected a mapping of keys, found {_kind(node)}", hint)
             self.valid = False
             return
         for key_node, value_node in node.value:
@@ -154,8 +244,15 @@ class Section:
         item = self.items.get(key)
         return item[1] if item else None
 
-    def section(self, key: str) -> Section:
-        return Section(self.raw(key), self.where.child(key))
+    def section(self, key: str, hint: str = "") -> Section:
+        """The mapping at ``key``; ``hint`` says what to write when it is not one."""
+        return Section(self.raw(key), self.where.child(key), hint)
+
+    @overload
+    def get(self, key: str, convert: Callable[[Any], T], *, what: str = "", hint: str = "") -> T | None: ...
+
+    @overload
+    def get(self, key: str, convert: Callable[[Any], T], default: T, what: str = "", hint: str = "") -> T: ...
 
     def get(
         self,
@@ -164,22 +261,27 @@ class Section:
         default: T = _MISSING,
         what: str = "",
         hint: str = "",
-    ) -> T:
-        """Convert the scalar at ``key``; on a bad or missing value record an issue."""
+    ) -> T | None:
+        """Convert the scalar at ``key``; on a bad or missing value record an issue.
+
+        Then the result is ``default``, or None for a required key (no default):
+        the sentinel must never leak to a caller that would use it as a value.
+        """
         node = self.raw(key)
         where = self.where.child(key)
+        fallback = None if default is _MISSING else default
         if node is None:
             if default is _MISSING:
                 where.error(self.node, f"required key {key!r} is missing", hint)
-            return default
+            return fallback
         if not isinstance(node, ScalarNode):
             where.error(node, f"expected {what or 'a single value'}, found {_kind(node)}", hint)
-            return default
+            return fallback
         try:
             return convert(scalar_value(node))
         except (TypeError, ValueError) as exc:
             where.error(node, f"{exc}", hint)
-            return default
+            return fallback
 
     def string_list(self, key: str, default: list[str] | None = None, hint: str = "") -> list[str]:
         """A list of strings; a single string is a list of one."""
@@ -227,9 +329,14 @@ class Section:
         for key, (key_node, _value) in self.items.items():
             if key in self.used:
                 continue
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
-            self.where.child(key).error(key_node, f"unknown key {key!r}", hint)
+            self.where.child(key).error(key_node, f"unknown key {key!r}", did_you_mean(key, known))
+
+
+def did_you_mean(word: str, known: Iterable[str], listing: str = "known keys") -> str:
+    """A hint for an unknown name: the closest known one, else the whole list."""
+    names = list(known)
+    close = difflib.get_close_matches(word, names, n=1)
+    return f"did you mean {close[0]!r}?" if close else f"{listing}: {', '.join(names)}"
 
 
 # Converters for Section.get -------------------------------------------------
