@@ -409,3 +409,20 @@ def test_an_unknown_filter_is_a_config_error_with_its_line(tmp_path: Path) -> No
     found = {(i.line, i.message) for i in info.value.issues}
     assert (6, "template error: No filter named 'nosuchfilter'.") in found
     assert (9, "expression error: No filter named 'nofilter'.") in found
+
+
+def test_a_negative_answer_carries_the_soa_with_the_negative_ttl(tmp_path: Path) -> None:
+    """RFC 2308 §3: the SOA's TTL in NXDOMAIN/NODATA is min(SOA TTL, MINIMUM)."""
+    rules = """
+    zones:
+      soa.test:
+        soa: {ttl: 300, minimum: 10}
+        stages:
+          - template: {match: ['^known[.]'], type: [A], answer: ['{{ name }} 60 IN A 192.0.2.1']}
+          - template: {name: gone, match: ['^other[.]'], rcode: NXDOMAIN}
+    """
+    pipeline = config_from(tmp_path, rules).pipeline()
+    for name, qtype in (("known.soa.test.", "MX"), ("other.soa.test.", "A")):
+        reply = resolve(pipeline, make_query(name, qtype))
+        assert reply.outcome in (Outcome.NODATA, Outcome.NXDOMAIN), reply
+        assert [rr.ttl for rr in reply.authority] == [10], reply

@@ -379,6 +379,10 @@ def _read_soa(zone: str, section: Section) -> RR | None:
     expire = section.get("expire", u32, default=86400)
     minimum = section.get("minimum", u32, default=30)
     section.finish()
+    if ttl is not None and minimum is not None:
+        # The SOA goes out in negative answers, with the negative TTL as its own TTL:
+        # min(SOA TTL, MINIMUM) (RFC 2308 §3) -- caches keep the answer that long.
+        ttl = min(ttl, minimum)
     try:
         text = f"{zone} {ttl} IN SOA {mname} {rname} {serial} {refresh} {retry} {expire} {minimum}"
         return RR.fromZone(text)[0]
