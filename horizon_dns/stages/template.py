@@ -49,7 +49,7 @@ import jinja2
 import jinja2.meta
 import jinja2.nodes
 import jinja2.sandbox
-from dnslib import CLASS, QTYPE, RCODE, RR, DNSBuffer
+from dnslib import CLASS, QTYPE, RCODE, RR, DNSBuffer, DNSLabel
 from yaml.nodes import Node
 
 from horizon_dns.config.source import Section, Where, as_bool, as_str, int_range, item_node
@@ -318,7 +318,33 @@ class TemplateStage:
             texts.append(text)
             if query.trace is not None:
                 query.note(f"  rendered {text!r}")
-            records.extend(self.parse_records(text))
+            if "\\" in query.name:
+                records.extend(self._parse_escaped_owner(text, query))
+            else:
+                records.extend(self.parse_records(text))
+        return records
+
+    def _parse_escaped_owner(self, text: str, query: Query) -> list[RR]:
+        """Records for a query name that needs escapes (a dot, a quote, a byte >= 0x80 in a label).
+
+        A label may hold any octet (RFC 2181 §11), but dnslib's zone parser reads
+        ``\\.`` as a label break and punycodes high bytes. So a line whose owner is
+        the query's name is parsed with a stand-in owner, which is then replaced by the
+        query's own wire labels: the answer is for the name asked (RFC 1034 §4.3.2).
+        """
+        owner = DNSLabel([label.lower() for label in _labels(query.qname_wire)])
+        records: list[RR] = []
+        for line in text.splitlines():
+            fields = line.split(None, 1)
+            if not fields:
+                continue
+            if fields[0] == query.name and len(fields) == 2:
+                parsed = parse_zone_lines(f"{_STAND_IN} {fields[1]}", self.ttl)
+                for rr in parsed:
+                    rr.rname = owner
+                records.extend(parsed)
+            else:
+                records.extend(parse_zone_lines(line, self.ttl))
         return records
 
     def parse_records(self, text: str) -> list[RR]:
@@ -332,6 +358,18 @@ class TemplateStage:
 
 class _BadRecord(Exception):
     pass
+
+
+_STAND_IN = "horizon-dns-owner.invalid."  # RFC 6761 §6.4: .invalid is never a real name
+
+
+def _labels(wire: bytes) -> list[bytes]:
+    out: list[bytes] = []
+    offset = 0
+    while wire[offset]:
+        out.append(wire[offset + 1 : offset + 1 + wire[offset]])
+        offset += 1 + wire[offset]
+    return out
 
 
 def parse_zone_lines(text: str, ttl: int) -> list[RR]:
