@@ -315,19 +315,28 @@ def test_template_compiles_with_tmp_path(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "name",
+    ("name", "owner_labels"),
     [
-        "www\\.nodeb.example.",  # two labels, the first holding a dot: not www.nodeb.example.
-        "x.a\\;b.example.",
-        'x.a\\"b.example.',
-        "x.\\(.example.",
-        "x.a\\000b.example.",
+        ("www\\.nodeb.example.", [b"www.nodeb", b"example"]),  # two labels, not www.nodeb.example.
+        ("x.a\\;b.example.", [b"x", b"a;b", b"example"]),
+        ('x.a\\"b.example.', [b"x", b'a"b', b"example"]),
+        ("x.\\(.example.", [b"x", b"(", b"example"]),
+        ("x.a\\000b.example.", [b"x", b"a\x00b", b"example"]),
     ],
 )
-def test_a_name_with_escaped_octets_matches_no_template(pipeline: Pipeline, name: str) -> None:
-    """Regexes and zone-file lines would read the escapes (RFC 1035 §5.1) as structure."""
+def test_escaped_octets_keep_label_boundaries_and_never_reach_a_rendered_line(
+    pipeline: Pipeline, name: str, owner_labels: list[bytes]
+) -> None:
+    """RFC 2181 §11: a label may hold any octet; RFC 1035 §5.1 escapes must not turn into structure.
+
+    The cname template (``^(?P<p>[^.]+)\\.(?P<h>[^.]+)\\.example\\.$``, rendering group h)
+    must neither see ``www\\.nodeb`` as two labels nor render ``a;b`` into its line; the
+    catch-all template behind it answers with the query's own name as owner.
+    """
     reply = resolve(pipeline, make_query(name))
-    assert reply.answer == [] and not reply.stage.startswith("template:"), reply
+    assert reply.stage == "template:fallback", reply
+    assert [list(rr.rname.label) for rr in reply.answer] == [owner_labels]
+    assert [str(rr.rdata) for rr in reply.answer] == ["192.0.2.99"]
 
 
 RUNAWAY = r"""

@@ -41,6 +41,7 @@ not a valid record makes the reply SERVFAIL with reason
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -155,6 +156,8 @@ class TemplateStage:
         )
         self.bad_records = 0
         self.regex_timeouts = 0
+        #: Groups the lines and ``when`` read (names, indexes); None: not known statically.
+        self.rendered_groups: frozenset[str | int] | None = None
         self._rr_cache: dict[str, list[RR]] = {}
         self._packed_cache: dict[tuple[bytes | str, ...], Packed] = {}
         # Every line renders without Jinja: the variables dict is never needed.
@@ -185,14 +188,13 @@ class TemplateStage:
         if self.zones and not any(_in_zone(name, z) for z in self.zones):
             query.note("  name outside this template's zones -> next")
             return await next(query)
-        if "\\" in name:
-            # A label holding a dot, quote, semicolon, parenthesis or a non-printing
-            # octet (RFC 1035 §5.1 escapes): no host name has those, and the regexes
-            # and the rendered zone-file lines would read the escapes as structure.
-            query.note("  the name has escaped characters a host name cannot have -> next")
-            return await next(query)
+        # A label may hold any octet (RFC 2181 §11); the text form escapes the odd ones
+        # (RFC 1035 §5.1). The regexes see each as \DDD, so a "." they see is always a
+        # label boundary: www\.nodeb.example. is two labels, not www.nodeb.example.
+        escaped = "\\" in name
+        text = _DIGIT_ESCAPE_NEEDED.sub(_digit_escape, name) if escaped else name
         try:
-            found = self.matches_name(name)
+            found = self.matches_name(text)
         except PatternTimeout as exc:
             self.regex_timeouts += 1
             if self.regex_timeouts & (self.regex_timeouts - 1) == 0:  # 1, 2, 4, ...: no log flood
@@ -201,6 +203,11 @@ class TemplateStage:
                 )
             query.note(f"  {exc} -> SERVFAIL")
             return Reply(SERVFAIL, self.name, Outcome.FAILED, f"{self.name}:regex-timeout")
+        if found is not None and escaped and self._renders_an_escape(found):
+            # Rendered into a zone-file line, the escape would be read as structure
+            # (a ';' starts a comment): this template cannot answer for such a label.
+            query.note("  a group the template renders holds an escaped octet -> no match")
+            found = None
         if found is not None and self.when is not None and not self._when(query, found):
             query.note("  regex matched but 'when' is false")
             found = None
@@ -218,6 +225,20 @@ class TemplateStage:
         if query.trace is not None:
             query.note(f"  matched {found.re.pattern!r} groups {found.groupdict()}")
         return self.render_reply(query, found)
+
+    def _renders_an_escape(self, found: Match[str]) -> bool:
+        """Whether a group the lines or ``when`` read holds an escaped octet."""
+        refs = self.rendered_groups
+        if refs is None:  # read in a way we cannot see statically: every group counts
+            values = [found.group(0), *found.groups()]
+        else:
+            named = found.groupdict()
+            values = [
+                named.get(r) if isinstance(r, str) else found.group(r)
+                for r in refs
+                if r in named or (isinstance(r, int) and r <= found.re.groups)
+            ]
+        return any(value is not None and "\\" in value for value in values)
 
     def _when(self, query: Query, found: Match[str]) -> bool:
         assert self.when is not None
@@ -482,9 +503,8 @@ def _check_references(
 
 
 def _compile_when(
-    section: Section, env: jinja2.Environment, groups: set[str], ngroups: int
+    section: Section, source: str, env: jinja2.Environment, groups: set[str], ngroups: int
 ) -> Callable[..., Any] | None:
-    source = section.get("when", as_str, default="")
     if not source:
         return None
     where, node = section.where.child("when"), section.node_of("when")
@@ -578,7 +598,8 @@ def build(section: Section, ctx: BuildContext) -> TemplateStage | None:
     answer = _compile_lines(section, "answer", env, groups, ngroups)
     additional = _compile_lines(section, "additional", env, groups, ngroups)
     authority = _compile_lines(section, "authority", env, groups, ngroups)
-    when = _compile_when(section, env, groups, ngroups)
+    when_source = section.get("when", as_str, default="")
+    when = _compile_when(section, when_source, env, groups, ngroups)
     rcode = section.get("rcode", _rcode, default=NOERROR)
     ttl = section.get("ttl", int_range(0, 2**31 - 1), default=60)
     fallthrough = section.get("fallthrough", as_bool, default=True)
@@ -610,8 +631,34 @@ def build(section: Section, ctx: BuildContext) -> TemplateStage | None:
         ctx.soa,
         when,
     )
+    lines = [*answer.sources, *additional.sources, *authority.sources]
+    stage.rendered_groups = _rendered_groups(env, lines, when_source)
     _test_render(stage, section.where, section, example)
     return stage
+
+
+def _rendered_groups(env: jinja2.Environment, sources: list[str], when: str) -> frozenset[str | int] | None:
+    """The groups the lines and ``when`` read by name or index; None if any reads them otherwise.
+
+    ``{{ group.h }}`` and ``{{ match[1] }}`` are seen; ``{{ group | join }}`` is not.
+    """
+    refs: set[str | int] = set()
+    for source in [*sources, "{{ " + when + " }}" if when else ""]:
+        ast = env.parse(source)
+        found = _group_references(ast)
+        uses = sum(1 for n in ast.find_all(jinja2.nodes.Name) if n.name in ("group", "match"))
+        if uses != len(found):
+            return None
+        refs.update(found)
+    return frozenset(refs)
+
+
+# Every escape but \DDD (RFC 1035 §5.1), rewritten as \DDD for the regexes.
+_DIGIT_ESCAPE_NEEDED = re.compile(r"\\([^0-9])")
+
+
+def _digit_escape(escape: re.Match[str]) -> str:
+    return f"\\{ord(escape.group(1)):03d}"
 
 
 def _zone_name(text: str) -> str:
