@@ -117,7 +117,7 @@ def test_negative_answer_without_soa_is_not_cached() -> None:
 
 
 def test_servfail_and_client_specific_replies_are_not_cached() -> None:
-    cache = CacheStage(clock=Clock())
+    cache = CacheStage(clock=Clock(), servfail_ttl=0)  # 0: failures are not kept either
     failing = Next(Reply(SERVFAIL, "next", Outcome.FAILED, "next"))
     run(cache, make_query("x.test."), failing)
     personal = Next(answer("192.0.2.9", ttl=60))
@@ -354,7 +354,7 @@ def cached_once(
     handler = QueryHandler(config_from(tmp_path, rules).pipeline())
     cache = leading_cache(handler)
     cache.clock = clock
-    cache.epoch = clock.now
+    cache.epoch = clock.now - 1.0  # as the cache's own: a second before its start
     wire = query if query is not None else dns.message.make_query("a.hot.test", "A").to_wire()
     asyncio.run(handler.handle(wire, ("127.0.0.1", 1), "udp"))
     return clock, handler, wire

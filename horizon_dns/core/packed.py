@@ -13,6 +13,9 @@ Contract:
 * ``pack_reply(query, reply)`` turns a Reply's dnslib records into a Packed once;
 * ``from_upstream(data, question_end)`` indexes an upstream's reply, drops its OPT
   and keeps its extended rcode and Extended DNS Error;
+* ``bounded_ttls(packed, ...)`` rewrites TTLs once, where a reply enters the server
+  or the cache: TTLs with the high bit set read as 0, clamps, and a negative
+  answer's SOA TTL set to its negative-caching lifetime;
 * ``serve(query, packed, ...)`` builds the message for one client: its ID, its
   RD/CD bits, its question, TTLs aged, OPT only when it asked with EDNS, TC=1 with
   the question kept when over its size limit. No dnslib objects are built.
@@ -32,6 +35,8 @@ from horizon_dns.core.wire import (
     CD,
     EDNS_DO,
     HEADER,
+    NOERROR,
+    NXDOMAIN,
     QR,
     RA,
     RD,
@@ -46,6 +51,8 @@ _TTL = struct.Struct("!I")
 _EDE = 15  # RFC 8914 §2 option code
 _NSID = 3  # RFC 5001 §2.3
 TYPE_SOA = 6
+#: RFC 2181 §8: a TTL is 31 bits; one with the high bit set is read as 0.
+TTL_MAX = 0x7FFFFFFF
 
 # What we advertise and send over UDP at most: DNS Flag Day 2020's value, which
 # avoids IP fragmentation on every common path.
@@ -71,6 +78,9 @@ class Packed:
     flags: int  # AA and AD as received/decided
     ttl_offsets: tuple[int, ...]  # where in body every record's TTL sits
     ede: tuple[int, str] | None = None
+    # A recursive upstream's answer: final as it is, its CNAMEs already followed
+    # (RFC 1034 §4.3.2 chasing is for a server's own data).
+    final: bool = False
 
     @property
     def ttls(self) -> tuple[tuple[int, int], ...]:
@@ -87,12 +97,21 @@ class Packed:
         return replace(self, body=body)
 
     def answers_with_cname(self) -> bool:
-        """Whether the answer section holds a CNAME (RFC 1035 §3.2.2 type 5), from the bytes."""
+        """Whether the answer section holds a CNAME (RFC 1035 §3.2.2 type 5) left to
+        chase, from the bytes; never for a ``final`` (forwarded) answer."""
+        if self.final:
+            return False
         body = self.body
         return any(body[off - 4 : off - 2] == b"\x00\x05" for off in self.ttl_offsets[: self.ancount])
 
     def negative_ttl(self) -> int | None:
         """RFC 2308 §5: min(SOA TTL, SOA MINIMUM) of the SOA in authority, if any."""
+        soa = self.negative_soa()
+        return None if soa is None else min(soa[1], soa[2])
+
+    def negative_soa(self) -> tuple[int, int, int] | None:
+        """The first SOA in authority: where its TTL sits in the body, its TTL and its
+        MINIMUM, both read as 0 when the high bit is set (RFC 2181 §8); None if none."""
         # Walk behind a zero prefix of the question's length so offsets match the body's.
         base = HEADER.size + self.question_len
         data = bytes(base) + self.body
@@ -100,12 +119,51 @@ class Packed:
         for index in range(self.ancount + self.nscount):
             offset = skip_name(data, offset)
             rtype, _rclass, ttl, rdlength = RR_FIXED.unpack_from(data, offset)
+            ttl_offset = offset + 4 - base
             offset += 10 + rdlength
             if index >= self.ancount and rtype == TYPE_SOA:
                 # MINIMUM is the last 32-bit field of the SOA rdata (RFC 1035 §3.3.13).
                 (minimum,) = _TTL.unpack_from(data, offset - 4)
-                return int(min(ttl, minimum))
+                return ttl_offset, _ttl31(ttl), _ttl31(minimum)
         return None
+
+
+def _ttl31(ttl: int) -> int:
+    """RFC 2181 §8: a TTL with the most significant bit set is treated as zero."""
+    return ttl if ttl <= TTL_MAX else 0
+
+
+def bounded_ttls(packed: Packed, low: int = 0, high: int = TTL_MAX, negative_cap: int = TTL_MAX) -> Packed:
+    """``packed`` with its TTLs rewritten once, as they are to be served from then on.
+
+    Every TTL with the high bit set becomes 0 (RFC 2181 §8), then every TTL is held to
+    [``low``, ``high``]; in a negative answer (NXDOMAIN, or NOERROR with no answer) the
+    SOA's TTL becomes the negative-caching lifetime min(SOA TTL, SOA MINIMUM,
+    ``negative_cap``) (RFC 2308 §5), so it counts down to 0 when the entry expires.
+    Returns ``packed`` itself when nothing changes. For the store and miss paths only.
+    """
+    body = packed.body
+    new: dict[int, int] = {}
+    for offset in packed.ttl_offsets:
+        (ttl,) = _TTL.unpack_from(body, offset)
+        bounded = max(low, min(_ttl31(ttl), high))
+        if bounded != ttl:
+            new[offset] = bounded
+    if packed.rcode == NXDOMAIN or (packed.rcode == NOERROR and not packed.ancount):
+        soa = packed.negative_soa()
+        if soa is not None:
+            offset, ttl, minimum = soa
+            negative = min(new.get(offset, ttl), minimum, negative_cap)
+            if negative != _TTL.unpack_from(body, offset)[0]:
+                new[offset] = negative
+            else:
+                new.pop(offset, None)
+    if not new:
+        return packed
+    rewritten = bytearray(body)
+    for offset, ttl in new.items():
+        _TTL.pack_into(rewritten, offset, ttl)
+    return packed.with_body(bytes(rewritten))
 
 
 def index_records(data: bytes, start: int, count: int) -> tuple[list[tuple[int, int]], int]:

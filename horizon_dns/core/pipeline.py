@@ -36,6 +36,7 @@ from horizon_dns.core.wire import NOERROR, NXDOMAIN, REFUSED, SERVFAIL
 
 MAX_CNAME_DEPTH = 8
 TYPE_SOA = 6  # RFC 1035 §3.2.2
+CLASS_IN = 1  # RFC 1035 §3.2.4
 TYPE_CNAME = 5  # RFC 1035 §3.2.2; a plain int: dnslib's QTYPE.CNAME is a slow lookup per use
 _NO_CHASE = frozenset({TYPE_CNAME, QTYPE.ANY})
 _ZONE_TRANSFERS = frozenset({251, 252})  # IXFR, AXFR: our zones are synthesized, nothing to transfer
@@ -46,6 +47,7 @@ RCODE_NAMES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOT
 EDE_OTHER = 0
 EDE_PROHIBITED = 18
 EDE_NOT_AUTHORITATIVE = 20
+EDE_NOT_SUPPORTED = 21
 
 
 @dataclass(slots=True)
@@ -120,6 +122,15 @@ def _build_chain(zone: Zone, stages: list[Stage]) -> Next:
                 f"nodata:{query.name_exists}",
                 authority=zone.negative_authority(),
                 authoritative=zone.soa is not None,
+            )
+        if query.qclass != CLASS_IN:
+            query.note(f"end of chain: class {query.class_name} is not served here -> REFUSED")
+            return Reply(
+                REFUSED,
+                "pipeline",
+                Outcome.REFUSED,
+                "class",
+                ede=(EDE_NOT_SUPPORTED, "only class IN is served"),
             )
         query.note("end of chain: no stage answered -> SERVFAIL")
         return Reply(
@@ -311,6 +322,8 @@ class Pipeline:
             cacheable = cacheable and sub_reply.cacheable
             if rcode != NOERROR:
                 break
+            if sub_reply.packed is not None and sub_reply.packed.final:
+                break  # a recursive upstream followed the rest of the chain already
             current = target_wire
         if len(answer) == original_count and rcode == reply.rcode:
             return reply

@@ -6,7 +6,8 @@ return the first reply that passes every check dnspython's ``asyncquery`` makes
 (RFC 5452 §4.2, §9.1): it comes from the upstream's address and port (a fresh
 connected socket per query gives a random source port and lets the kernel drop
 everything else), QR is set, the ID matches, and the question is ours, compared
-case-insensitively. Anything else is ignored and waiting continues, so a
+case-insensitively -- or, from a server without EDNS, a FORMERR with our ID and
+no question (RFC 6891 §7). Anything else is ignored and waiting continues, so a
 spoofed or stale datagram cannot end the exchange. Timeouts raise
 ``asyncio.TimeoutError``; socket errors raise ``OSError``.
 """
@@ -20,7 +21,7 @@ import struct
 from dataclasses import dataclass
 
 from horizon_dns.core.address import split_host_port
-from horizon_dns.core.wire import HEADER, QR, TCP_LENGTH, tcp_frame
+from horizon_dns.core.wire import FORMERR, HEADER, QR, TCP_LENGTH, tcp_frame
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,11 +65,20 @@ def parse_upstream(text: str) -> Upstream:
 
 
 def reply_matches(reply: bytes, message: bytes, question_end: int) -> bool:
-    """Same ID, QR=1, one question equal to ours ignoring ASCII case (RFC 5452 §9.1)."""
-    if len(reply) < question_end:
+    """Same ID, QR=1, one question equal to ours ignoring ASCII case (RFC 5452 §9.1).
+
+    One exception: a FORMERR with our ID and no question section, as servers without
+    EDNS send to a query with OPT (RFC 6891 §7); the caller retries without OPT. It
+    must still come from the upstream's address and port.
+    """
+    if len(reply) < HEADER.size:
         return False
     msg_id, flags, qdcount = struct.unpack_from("!HHH", reply)
-    if msg_id != struct.unpack_from("!H", message)[0] or not flags & QR or qdcount != 1:
+    if msg_id != struct.unpack_from("!H", message)[0] or not flags & QR:
+        return False
+    if qdcount == 0:
+        return bool(flags & 0xF == FORMERR)
+    if qdcount != 1 or len(reply) < question_end:
         return False
     return reply[HEADER.size : question_end].lower() == message[HEADER.size : question_end].lower()
 

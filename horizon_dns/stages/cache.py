@@ -7,14 +7,22 @@ YAML::
         min_ttl: 0                # clamp of positive TTLs (seconds)
         max_ttl: 86400
         max_negative_ttl: 3600    # NXDOMAIN/NODATA, from the SOA (RFC 2308 §5)
+        servfail_ttl: 1           # resolution failures (RFC 9520 §3.2; 0: off, at most 300)
         serve_stale: true         # RFC 8767: expired answers when what follows fails
         max_stale: 86400          # how long past expiry an answer may still be served
 
 Contract: the key is the lowercased name, type, class and the DO and CD bits.
 Positive answers live for their smallest TTL, clamped; NXDOMAIN and NODATA for
-min(SOA TTL, SOA MINIMUM) and are not cached without an SOA (RFC 2308 §5);
-SERVFAIL, REFUSED, truncated and client-specific replies are not cached. A hit
-is the stored bytes with every TTL lowered by the entry's age -- no dnslib object
+min(SOA TTL, SOA MINIMUM, max_negative_ttl) and are not cached without an SOA
+(RFC 2308 §5); SERVFAIL for ``servfail_ttl`` seconds (RFC 9520 §3.2: at least 1 s;
+RFC 2308 §7.1: at most 5 minutes), unless an expired answer could still be served
+stale; REFUSED, truncated and client-specific replies are not cached. TTLs are
+rewritten once, when a reply passes the cache on its way to the client and is
+stored: clamped, 0 for those with the high bit set (RFC 2181 §8), and a negative
+answer's SOA TTL set to the entry's lifetime -- so the first client sees what
+later hits show, and TTLs never rise from one reply to the next. A hit
+is the stored bytes with every TTL lowered by the entry's age, counted in whole
+seconds rounded up (a TTL never outlives the entry) -- no dnslib object
 is built -- and, first in a zone, is served by the server's synchronous hot path
 (:meth:`CacheStage.serve_fresh`) without a task. Concurrent misses for one key
 wait for a single call of the next stage. When that call fails (SERVFAIL) and an
@@ -35,7 +43,7 @@ from horizon_dns.config.source import Section, as_bool, int_range
 from horizon_dns.core.bounded import remember
 from horizon_dns.core.encode import pack_reply
 from horizon_dns.core.message import Outcome, Query, Reply
-from horizon_dns.core.packed import Packed, lower_ttls, with_ttls
+from horizon_dns.core.packed import Packed, bounded_ttls, lower_ttls, with_ttls
 from horizon_dns.core.stage import Next
 from horizon_dns.core.wire import CD, NOERROR, NXDOMAIN, SERVFAIL
 from horizon_dns.stages.context import BuildContext
@@ -49,6 +57,10 @@ _TAIL = struct.Struct("!HHB")
 # where two floats take 16 (and 48 as objects); 2**32 tenths are 13 years.
 _TIMES = struct.Struct("=II")
 _TICKS = 10
+# A stored time is kept 0.9 s early, so the hit path's int() of an age in seconds
+# rounds it up and the TTLs served are the remaining time floored: a TTL-3 record
+# fetched 1.2 s ago shows 1, not 2 (RFC 1035 §3.2.1). Free on the hit path.
+_EARLY = 9
 _SHAPES_MAX = 4096
 
 
@@ -99,6 +111,7 @@ class CacheStage:
         serve_stale: bool = True,
         max_stale: int = 86400,
         clock: Callable[[], float] = time.monotonic,
+        servfail_ttl: int = 1,
     ) -> None:
         self.name = name
         self.max_entries = max_entries
@@ -107,8 +120,10 @@ class CacheStage:
         self.max_negative_ttl = max_negative_ttl
         self.serve_stale = serve_stale
         self.max_stale = max_stale
+        self.servfail_ttl = servfail_ttl
         self.clock = clock
-        self.epoch = clock()
+        # A second before now, so a stored time kept _EARLY ticks early stays >= 0.
+        self.epoch = clock() - 1.0
         # A plain dict in insertion order, evicted by CLOCK (second chance): a hit only
         # marks the entry used; the sweep from the oldest end moves used entries to the
         # end unmarked and drops the first unused ones. No dict write per hit (a dict
@@ -129,11 +144,11 @@ class CacheStage:
         for future in self.inflight.values():
             future.cancel()
 
-    def settings(self) -> tuple[int, int, int, int, bool, int]:
+    def settings(self) -> tuple[int, int, int, int, bool, int, int]:
         """Everything that decides what is stored; equal settings may share entries."""
         return (
             self.max_entries, self.min_ttl, self.max_ttl, self.max_negative_ttl, self.serve_stale,
-            self.max_stale,
+            self.max_stale, self.servfail_ttl,
         )  # fmt: skip
 
     # The synchronous hot path ------------------------------------------------
@@ -199,8 +214,13 @@ class CacheStage:
                 stale = self._stale(key, query)
                 if stale is not None:
                     reply = stale
-            elif not self.leading:
-                self.store(key, query, reply)
+                elif not self.leading:
+                    self.store(key, query, reply)  # the failure, for servfail_ttl
+            else:
+                # The miss path: the client sees the TTLs later hits will show.
+                reply = self._bounded(reply)
+                if not self.leading:
+                    self.store(key, query, reply)
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # retrieved: the waiters re-raise it
@@ -213,7 +233,7 @@ class CacheStage:
 
     def _stale(self, key: bytes, query: Query) -> Reply | None:
         entry = self.entries.get(key)
-        if entry is None or not self.serve_stale:
+        if entry is None or not self.serve_stale or entry.outcome is Outcome.FAILED:
             return None
         if self.clock() > self.lifetime(entry)[1] + self.max_stale:
             del self.entries[key]
@@ -226,7 +246,9 @@ class CacheStage:
         return Reply(packed.rcode, self.name, entry.outcome, "cache:stale", packed=packed)
 
     def ttl_for(self, packed: Packed) -> int | None:
-        """How long to keep a reply; None when it must not be cached."""
+        """How long to keep a reply (its TTLs already bounded); None when it must not be cached."""
+        if packed.rcode == SERVFAIL:
+            return self.servfail_ttl  # RFC 9520 §3.2, RFC 2308 §7.1
         if packed.rcode == NOERROR and packed.ancount:
             ttl = packed.min_ttl
             if ttl is None:
@@ -240,15 +262,20 @@ class CacheStage:
         return None
 
     def _clamped(self, packed: Packed) -> Packed:
-        """Record TTLs held to [min_ttl, max_ttl], so what is served matches the lifetime."""
-        low, high = self.min_ttl, self.max_ttl
-        ttls = packed.ttls  # read from the body: once
-        if all(low <= ttl <= high for _off, ttl in ttls):
-            return packed
-        body = bytearray(packed.body)
-        for offset, ttl in ttls:
-            struct.pack_into("!I", body, offset, max(low, min(ttl, high)))
-        return packed.with_body(bytes(body))
+        """TTLs as they are to be served from now on: held to [min_ttl, max_ttl], 0 for
+        those with the high bit set (RFC 2181 §8), a negative answer's SOA TTL at the
+        entry's lifetime (RFC 2308 §5) -- so what is served matches the lifetime."""
+        return bounded_ttls(packed, self.min_ttl, self.max_ttl, self.max_negative_ttl)
+
+    def _bounded(self, reply: Reply) -> Reply:
+        """``reply`` as the cache will serve it, for the client whose miss filled the
+        cache; the same reply when nothing changes. Only packed (forwarded, template)
+        replies: the first reply's TTLs equal a hit's, never lower than the next."""
+        packed = reply.packed
+        if packed is None or not reply.cacheable:
+            return reply
+        bounded = self._clamped(packed)
+        return reply if bounded is packed else replace(reply, packed=bounded)
 
     def _tick(self, moment: float) -> int:
         return min(int((moment - self.epoch) * _TICKS), 2**32 - 1)
@@ -256,7 +283,7 @@ class CacheStage:
     def lifetime(self, entry: Entry) -> tuple[float, float]:
         """When ``entry`` was stored and when it expires, on the cache's clock."""
         stored, expires = _TIMES.unpack_from(entry.blob)
-        return self.epoch + stored / _TICKS, self.epoch + expires / _TICKS
+        return self.epoch + (stored + _EARLY) / _TICKS, self.epoch + expires / _TICKS
 
     def adopt(self, previous: CacheStage) -> int:
         """Take over ``previous``'s entries (a reload that left the cache as it was)."""
@@ -274,10 +301,10 @@ class CacheStage:
 
     def store_final(self, query: Query, reply: Reply) -> None:
         """Keep the zone's final reply to ``query`` (called by the zone when leading)."""
-        if reply.rcode != SERVFAIL:
-            self.store(query_key(query), query, reply)
+        self.store(query_key(query), query, reply)
 
     def store(self, key: bytes, query: Query, reply: Reply) -> None:
+        """Keep ``reply`` under ``key`` with its TTLs rewritten once (see _clamped)."""
         if not reply.cacheable:
             return
         packed = self._clamped(pack_reply(query, reply))
@@ -286,8 +313,19 @@ class CacheStage:
             return
         now = self.clock()
         entries = self.entries
+        if packed.rcode == SERVFAIL:
+            # A failure must not push out an answer that serve-stale could still use.
+            old = entries.get(key)
+            if (
+                old is not None
+                and old.outcome is not Outcome.FAILED
+                and self.serve_stale
+                and now <= self.lifetime(old)[1] + self.max_stale
+            ):
+                return
         entries.pop(key, None)  # re-inserted at the end: the most recently stored
-        times = _TIMES.pack(self._tick(now), self._tick(now + ttl))
+        stored = min(max(0, int((now - self.epoch) * _TICKS + 1e-6) - _EARLY), 2**32 - 1)
+        times = _TIMES.pack(stored, self._tick(now + ttl))
         entries[key] = Entry(self._shape(packed, reply.outcome), times + packed.body)
         if len(entries) > self.max_entries:
             self._evict(key)
@@ -324,6 +362,8 @@ def build(section: Section, ctx: BuildContext) -> CacheStage | None:
         max_negative_ttl=section.get("max_negative_ttl", seconds, default=3600),
         serve_stale=section.get("serve_stale", as_bool, default=True),
         max_stale=section.get("max_stale", seconds, default=86400),
+        # RFC 9520 §3.2: at least 1 s; RFC 2308 §7.1: at most 5 minutes.
+        servfail_ttl=section.get("servfail_ttl", int_range(0, 300), default=1),
     )
     section.finish()
     if stage.min_ttl > stage.max_ttl:

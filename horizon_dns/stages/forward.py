@@ -14,17 +14,28 @@ YAML::
 
 Each try uses a fresh random ID and source port; replies are checked for
 source, ID and question (see :mod:`horizon_dns.net.upstream`). A truncated UDP
-reply is retried over TCP. A try that times out, fails, or answers SERVFAIL or
-REFUSED moves on to the next upstream; three failures in a row mark an upstream
-down, and it is tried again after a back-off (1 s doubling to 30 s) -- or at once
-when every upstream is down. When all fail within ``total_timeout`` the reply is
-SERVFAIL with Extended DNS Error 22, "No Reachable Authority" (RFC 8914 §4.23).
+reply is retried over TCP. A FORMERR to our query (which carries OPT) is asked once
+more without OPT, for servers without EDNS (RFC 6891 §7); the client never sees
+that FORMERR. A try that times out, fails, or answers SERVFAIL, REFUSED or (without
+OPT) FORMERR moves on to the next upstream; three failures in a row mark an
+upstream down, and it is tried again after a back-off (1 s doubling to 30 s) -- or
+at once when every upstream is down. REFUSED is an answer, not a sign of ill
+health: it moves on but never marks the upstream down. When all fail within
+``total_timeout`` the reply is SERVFAIL with the Extended DNS Error an upstream's
+SERVFAIL carried, else 22, "No Reachable Authority" (RFC 8914 §4.23), with a
+generic text: what each upstream did goes to the log and ``explain``, not to
+clients (RFC 8914 §6).
+
+What is relayed is what a forwarder may say (RFC 1035 §4.1.1, RFC 2181 §8,
+RFC 2308 §5): AA cleared, TTLs with the high bit set as 0, and a negative answer's
+SOA TTL lowered to min(SOA TTL, SOA MINIMUM). The answer is final: its CNAMEs are
+not chased again (the upstream recursed already).
 
 At start the stage probes each upstream with a random name; if the probe comes
 back to this server, that upstream forwards to us (a loop, e.g. resolv.conf ->
 127.0.0.53 -> us) and is disabled with a logged error (CoreDNS's ``loop`` idea).
 
-EDNS: we always ask with EDNS (payload 1232) and pass the client's DO and CD
+EDNS: we ask with EDNS (payload 1232) and pass the client's DO and CD
 bits; the client's ID and question case are restored on the way back.
 """
 
@@ -38,23 +49,28 @@ import ssl
 import struct
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from horizon_dns.config.source import Section, as_str, int_range, item_node, number_range
 from horizon_dns.core.loop import LoopGuard
 from horizon_dns.core.message import Outcome, Query, Reply
 from horizon_dns.core.names import text_to_name
-from horizon_dns.core.packed import DEFAULT_UDP_PAYLOAD, Packed, encode_opt, from_upstream
+from horizon_dns.core.packed import DEFAULT_UDP_PAYLOAD, Packed, bounded_ttls, encode_opt, from_upstream
 from horizon_dns.core.stage import Next
-from horizon_dns.core.wire import CD, HEADER, NOERROR, NXDOMAIN, RD, REFUSED, SERVFAIL, TC
+from horizon_dns.core.wire import AA, CD, FORMERR, HEADER, NOERROR, NXDOMAIN, RD, REFUSED, SERVFAIL, TC
 from horizon_dns.net.dot import DotPool
 from horizon_dns.net.upstream import Upstream, exchange_tcp, exchange_udp, parse_upstream
 from horizon_dns.stages.context import BuildContext
 
 log = logging.getLogger("horizon_dns.stages.forward")
 
+CLASS_IN = 1  # RFC 1035 §3.2.4
+
 EDE_NO_REACHABLE_AUTHORITY = 22  # RFC 8914 §4.23
+#: What clients are told when no upstream answered; the details go to the log
+#: (RFC 8914 §6: EXTRA-TEXT must not leak what an attacker could use).
+UNREACHABLE_TEXT = "no upstream answered"
 FAILURES_TO_MARK_DOWN = 3
 BACKOFF_MIN, BACKOFF_MAX = 1.0, 30.0
 
@@ -201,7 +217,10 @@ class ForwardStage:
         return usable or states
 
     @staticmethod
-    def _message(msg_id: int, flags: int, question: bytes, do: bool) -> bytes:
+    def _message(msg_id: int, flags: int, question: bytes, do: bool, edns: bool = True) -> bytes:
+        """Our query; with OPT unless ``edns`` is False (the RFC 6891 §7 fallback)."""
+        if not edns:
+            return HEADER.pack(msg_id, flags, 1, 0, 0, 0) + question
         header = HEADER.pack(msg_id, flags, 1, 0, 0, 1)
         return header + question + encode_opt(DEFAULT_UDP_PAYLOAD, 0, do, None)
 
@@ -216,6 +235,11 @@ class ForwardStage:
         return data
 
     async def handle(self, query: Query, next: Next) -> Reply:
+        if query.qclass != CLASS_IN:
+            # CHAOS and the rest are the answering server's own business (RFC 4892 §2):
+            # relayed, version.bind would tell clients which software the upstream runs.
+            query.note(f"  class {query.class_name} is not forwarded -> next")
+            return await next(query)
         if self.outstanding >= self.max_outstanding:
             # Bounded resources: a flood of misses must not open sockets without end.
             self.shed += 1
@@ -238,6 +262,7 @@ class ForwardStage:
         do = query.edns.do if query.edns is not None else False
         flags = RD | (query.flags & CD)
         problems: list[str] = []
+        upstream_ede: tuple[int, str] | None = None
         for state in self._order(loop_time()):
             remaining = deadline - loop_time()
             if remaining <= 0:
@@ -249,6 +274,17 @@ class ForwardStage:
             started = loop_time()
             try:
                 data = await self._exchange(upstream, message, question_end, min(self.timeout, remaining))
+                if _rcode(data) == FORMERR:
+                    # RFC 6891 §7: a server without EDNS may answer FORMERR to a query
+                    # with OPT (often with no question section): ask once without OPT.
+                    query.note(f"  {upstream}: FORMERR to a query with OPT -> again without EDNS")
+                    remaining = deadline - loop_time()
+                    if remaining <= 0:
+                        raise TimeoutError
+                    message = self._message(secrets.randbits(16), flags, question, do, edns=False)
+                    data = await self._exchange(upstream, message, question_end, min(self.timeout, remaining))
+                    if _rcode(data) == FORMERR:
+                        raise ValueError("FORMERR to a query without EDNS")
                 packed = from_upstream(data, question_end)
             except TimeoutError:
                 state.failed(loop_time())
@@ -260,27 +296,48 @@ class ForwardStage:
                 problems.append(f"{upstream} {type(exc).__name__}: {exc}")
                 query.note(f"  {upstream}: {exc}")
                 continue
-            if packed.rcode in (SERVFAIL, REFUSED):
+            if packed.rcode == REFUSED:
+                # It answers: not a health failure (it may just not serve this name),
+                # so it is never marked down for it; the next upstream may know the name.
+                problems.append(f"{upstream} REFUSED")
+                query.note(f"  {upstream}: REFUSED -> next upstream")
+                continue
+            if packed.rcode == SERVFAIL:
                 state.failed(loop_time())
-                rcode_name = "SERVFAIL" if packed.rcode == SERVFAIL else "REFUSED"
-                problems.append(f"{upstream} {rcode_name}")
-                query.note(f"  {upstream}: {rcode_name} -> next upstream")
+                if upstream_ede is None and packed.ede is not None:
+                    upstream_ede = (packed.ede[0], packed.ede[1][:200])
+                problems.append(f"{upstream} SERVFAIL" + (f" (EDE {packed.ede[0]})" if packed.ede else ""))
+                query.note(f"  {upstream}: SERVFAIL -> next upstream")
                 continue
             state.succeeded(loop_time() - started)
             query.note(f"  {upstream}: rcode {packed.rcode}, {packed.ancount} answer(s)")
-            return Reply(packed.rcode, self.name, _outcome(packed), f"{self.name}", packed=packed)
+            return Reply(packed.rcode, self.name, _outcome(packed), f"{self.name}", packed=_relayed(packed))
         if not problems:
             problems.append("no usable upstream")
         text = "; ".join(problems)
         query.note(f"  all upstreams failed: {text}")
+        # The details stay here (RFC 8914 §6); clients get a generic text.
+        log.info("%s: no upstream answered %s %s: %s", self.name, query.name, query.type_name, text)
         return Reply(
             SERVFAIL,
             self.name,
             Outcome.FAILED,
             f"{self.name}:unreachable",
-            ede=(EDE_NO_REACHABLE_AUTHORITY, text[:200]),
-            cacheable=False,
+            ede=upstream_ede or (EDE_NO_REACHABLE_AUTHORITY, UNREACHABLE_TEXT),
         )
+
+
+def _rcode(data: bytes) -> int:
+    """The header's 4-bit rcode (a message too short to have one counts as FORMERR)."""
+    return data[3] & 0xF if len(data) >= HEADER.size else FORMERR
+
+
+def _relayed(packed: Packed) -> Packed:
+    """An upstream's reply as a forwarder relays it: not authoritative (RFC 1035 §4.1.1:
+    AA is for a server's own data), TTLs with the high bit set as 0 (RFC 2181 §8), a
+    negative answer's SOA TTL as its negative TTL (RFC 2308 §5), and final: its CNAMEs
+    are not chased again (RFC 1034 §4.3.2 is for a server's own data)."""
+    return replace(bounded_ttls(packed), flags=packed.flags & ~AA, final=True)
 
 
 # Building from configuration ---------------------------------------------------
@@ -324,6 +381,12 @@ def build(section: Section, ctx: BuildContext) -> ForwardStage | None:
             upstreams.append(parse_upstream(text))
         except ValueError as exc:
             section.where.child("upstreams").child(i).error(item_node(node, i), str(exc))
+    if node is not None and not texts:
+        section.where.child("upstreams").error(
+            node,
+            "no upstreams: every query would get SERVFAIL",
+            "e.g. upstreams: [resolv.conf] or [127.0.0.1:5301]",
+        )
     policy = section.get("policy", as_str, default="sequential")
     if policy not in ("sequential", "random", "fastest"):
         section.where.child("policy").error(
