@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 
 from horizon_dns.core.handler import QueryHandler
 from horizon_dns.core.message import Outcome, Query, Reply
+from horizon_dns.core.pattern import bounded_by_shape, compile_pattern
 from horizon_dns.core.pipeline import Pipeline
 from horizon_dns.core.wire import NOERROR, NXDOMAIN, REFUSED, SERVFAIL
 from horizon_dns.errors import ConfigError
@@ -435,3 +437,22 @@ def test_a_negative_answer_carries_the_soa_with_the_negative_ttl(tmp_path: Path)
         reply = resolve(pipeline, make_query(name, qtype))
         assert reply.outcome in (Outcome.NODATA, Outcome.NXDOMAIN), reply
         assert [rr.ttl for rr in reply.authority] == [10], reply
+
+
+@pytest.mark.parametrize(
+    ("source", "bounded"),
+    [
+        (".*", True),
+        (r"^(?P<p>.+)\.(?P<h>[^.]+)\.(?P<d>mydomain\.tld)\.$", True),  # the shipped rules
+        (r"^(foo|bar)\.x\.$", True),
+        (r"^(a+)+$", False),  # repetition in repetition
+        (r"^(a|aa)+$", False),  # alternation in repetition
+        (r".*.*x", False),  # unanchored: n starts times n**2
+        (r"^.*.*.*x", False),  # three long repetitions: n**3
+        (r"(\w)\1", False),  # backreference
+        (r"^(?=a).*", False),  # lookaround
+    ],
+)
+def test_a_regex_runs_on_re_only_when_its_shape_bounds_its_time(source: str, bounded: bool) -> None:
+    assert bounded_by_shape(source) is bounded
+    assert isinstance(compile_pattern(source), re.Pattern) is bounded

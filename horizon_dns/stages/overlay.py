@@ -94,7 +94,7 @@ class OverlayStage:
         name: str,
         zone: str,
         methods: dict[str, Lookup],
-        host_pattern: Pattern[str] | None = None,
+        host_pattern: Pattern | None = None,
         prefer: Sequence[Network] = (),
         timeout: float = 0.3,
         ttl: int = 30,

@@ -123,7 +123,7 @@ class TemplateStage:
         qclass: int,
         qtypes: frozenset[int],
         zones: tuple[str, ...],
-        patterns: list[Pattern[str]],
+        patterns: list[Pattern],
         answer: _Lines,
         additional: _Lines,
         authority: _Lines,
@@ -160,7 +160,7 @@ class TemplateStage:
         #: Groups the lines and ``when`` read (names, indexes); None: not known statically.
         self.rendered_groups: frozenset[str | int] | None = None
         self._rr_cache: dict[str, list[RR]] = {}
-        self._matched: dict[str, Match[str] | object | None] = {}
+        self._matched: dict[str, Match | object | None] = {}
         self._packed_cache: dict[tuple[bytes | str, ...], Packed] = {}
         # Every line renders without Jinja: the variables dict is never needed.
         self.all_fast = all(
@@ -174,7 +174,7 @@ class TemplateStage:
     async def stop(self) -> None:
         return None
 
-    def matches_name(self, name: str) -> Match[str] | None:
+    def matches_name(self, name: str) -> Match | None:
         """The first regex's match on ``name``; raises PatternTimeout on a runaway regex.
 
         Remembered per name: a bounded search costs ~3-10 µs (the timeout's
@@ -236,7 +236,7 @@ class TemplateStage:
             query.note(f"  matched {found.re.pattern!r} groups {found.groupdict()}")
         return self.render_reply(query, found)
 
-    def _renders_an_escape(self, found: Match[str]) -> bool:
+    def _renders_an_escape(self, found: Match) -> bool:
         """Whether a group the lines or ``when`` read holds an escaped octet."""
         refs = self.rendered_groups
         if refs is None:  # read in a way we cannot see statically: every group counts
@@ -250,7 +250,7 @@ class TemplateStage:
             ]
         return any(value is not None and "\\" in value for value in values)
 
-    def _when(self, query: Query, found: Match[str]) -> bool:
+    def _when(self, query: Query, found: Match) -> bool:
         assert self.when is not None
         try:
             return bool(self.when(self.variables(query, found)))
@@ -258,7 +258,7 @@ class TemplateStage:
             log.warning("%s: 'when' failed: %s", self.name, exc)
             return False
 
-    def variables(self, query: Query, found: Match[str]) -> dict[str, Any]:
+    def variables(self, query: Query, found: Match) -> dict[str, Any]:
         groups = {k: (v if v is not None else "") for k, v in found.groupdict().items()}
         numbered = [found.group(0)] + [g if g is not None else "" for g in found.groups()]
         return {
@@ -272,7 +272,7 @@ class TemplateStage:
             "alias": self.aliases,
         }
 
-    def render_reply(self, query: Query, found: Match[str]) -> Reply:
+    def render_reply(self, query: Query, found: Match) -> Reply:
         variables = None if self.all_fast else self.variables(query, found)
         texts: list[str] = []  # every rendered line, sections apart: what the reply's bytes follow from
         try:
@@ -333,7 +333,7 @@ class TemplateStage:
         lines: _Lines,
         variables: dict[str, Any] | None,
         query: Query,
-        found: Match[str],
+        found: Match,
         texts: list[str],
     ) -> list[RR]:
         records: list[RR] = []
@@ -575,7 +575,7 @@ def build(section: Section, ctx: BuildContext) -> TemplateStage | None:
                 f"{z} is outside the stage's zone {ctx.zone}",
                 "a template only sees names of the zone it is listed under",
             )
-    patterns: list[Pattern[str]] = []
+    patterns: list[Pattern] = []
     match_where = section.where.child("match")
     for i, source in enumerate(section.string_list("match", default=[".*"])):
         if len(source) > MAX_REGEX_LENGTH:

@@ -24,27 +24,27 @@ import jinja2.nodes as nodes
 from horizon_dns.core.message import Query
 from horizon_dns.core.pattern import Match
 
-Renderer = Callable[[Query, Match[str], str], str]
-_Getter = Callable[[Query, Match[str], str], str]
+Renderer = Callable[[Query, Match, str], str]
+_Getter = Callable[[Query, Match, str], str]
 
 
-def _name(query: Query, _found: Match[str], _zone: str) -> str:
+def _name(query: Query, _found: Match, _zone: str) -> str:
     return query.name
 
 
-def _zone(_query: Query, _found: Match[str], zone: str) -> str:
+def _zone(_query: Query, _found: Match, zone: str) -> str:
     return zone
 
 
-def _type(query: Query, _found: Match[str], _zone: str) -> str:
+def _type(query: Query, _found: Match, _zone: str) -> str:
     return query.type_name
 
 
-def _class(query: Query, _found: Match[str], _zone: str) -> str:
+def _class(query: Query, _found: Match, _zone: str) -> str:
     return query.class_name
 
 
-def _client(query: Query, _found: Match[str], _zone: str) -> str:
+def _client(query: Query, _found: Match, _zone: str) -> str:
     return query.client[0] if query.client else ""
 
 
@@ -58,7 +58,7 @@ _VARIABLES: dict[str, _Getter] = {
 
 
 def _group(key: str | int) -> _Getter:
-    def group(_query: Query, found: Match[str], _zone: str) -> str:
+    def group(_query: Query, found: Match, _zone: str) -> str:
         # An unmatched optional group renders as "" (the stage maps None to "").
         return found.group(key) or ""
 
@@ -90,7 +90,7 @@ def _getter(node: nodes.Node, env: jinja2.Environment) -> _Getter | None:
             return None
         alias: Callable[[Any], str] = env.filters["alias"]
 
-        def aliased(query: Query, found: Match[str], zone: str) -> str:
+        def aliased(query: Query, found: Match, zone: str) -> str:
             return alias(inner(query, found, zone))
 
         return aliased
@@ -116,7 +116,7 @@ def compile_simple(ast: nodes.Template, env: jinja2.Environment) -> Renderer | N
         return lambda _query, _found, _zone: literal
     frozen = tuple(parts)
 
-    def render(query: Query, found: Match[str], zone: str) -> str:
+    def render(query: Query, found: Match, zone: str) -> str:
         return "".join([p if p.__class__ is str else p(query, found, zone) for p in frozen])  # type: ignore[operator]
 
     return render
