@@ -415,16 +415,18 @@ def test_formerr_without_opt_fails_that_upstream_and_the_next_is_asked() -> None
 # 7. A forwarded answer is final: its CNAMEs are not chased again ---------------
 
 
+def cname_then_nodata(request: DNSRecord, _data: bytes) -> list[bytes]:
+    """A recursive upstream's whole answer: CNAME to t.example., which has no such type."""
+    reply = request.reply()
+    reply.add_answer(*RR.fromZone(f"{request.q.qname} 60 IN CNAME t.example."))
+    reply.add_auth(*RR.fromZone("example. 60 IN SOA ns.example. h.example. 1 2 3 4 30"))
+    return [reply.pack()]
+
+
 def test_forwarded_cname_answer_is_not_chased(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake: Scripted
 ) -> None:
-    def cname_nodata(request: DNSRecord, _data: bytes) -> list[bytes]:
-        reply = request.reply()
-        reply.add_answer(*RR.fromZone(f"{request.q.qname} 60 IN CNAME t.example."))
-        reply.add_auth(*RR.fromZone("example. 60 IN SOA ns.example. h.example. 1 2 3 4 30"))
-        return [reply.pack()]
-
-    fake.scripts["c.example."] = cname_nodata
+    fake.scripts["c.example."] = cname_then_nodata
     _clock, handler = leading(tmp_path, monkeypatch, fake.address)
     message = full(handler, "c.example.")
     assert [r.rdtype for r in message.answer] == [dns.rdatatype.CNAME]
@@ -437,13 +439,7 @@ def test_our_cname_to_a_forwarded_cname_stops_where_the_upstream_stopped(
 ) -> None:
     """Our template's CNAME is chased once into zone "."; the upstream's answer there is final."""
 
-    def cname_nodata(request: DNSRecord, _data: bytes) -> list[bytes]:
-        reply = request.reply()
-        reply.add_answer(*RR.fromZone(f"{request.q.qname} 60 IN CNAME t.example."))
-        reply.add_auth(*RR.fromZone("example. 60 IN SOA ns.example. h.example. 1 2 3 4 30"))
-        return [reply.pack()]
-
-    fake.scripts["c.example."] = cname_nodata
+    fake.scripts["c.example."] = cname_then_nodata
     rules = f"""
     zones:
       mydomain.tld:
