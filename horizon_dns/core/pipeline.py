@@ -29,14 +29,12 @@ from dnslib import QTYPE, RR
 from horizon_dns.core.loop import LoopGuard
 from horizon_dns.core.message import Outcome, Query, Reply
 from horizon_dns.core.names import name_to_text, text_to_name
-from horizon_dns.core.packed import unpack_records
+from horizon_dns.core.packed import TYPE_SOA, unpack_records
 from horizon_dns.core.stage import FastCache, Next, Stage
 from horizon_dns.core.stats import Histogram
-from horizon_dns.core.wire import NOERROR, NXDOMAIN, REFUSED, SERVFAIL
+from horizon_dns.core.wire import CLASS_IN, NOERROR, NXDOMAIN, REFUSED, SERVFAIL
 
 MAX_CNAME_DEPTH = 8
-TYPE_SOA = 6  # RFC 1035 §3.2.2
-CLASS_IN = 1  # RFC 1035 §3.2.4
 TYPE_CNAME = 5  # RFC 1035 §3.2.2; a plain int: dnslib's QTYPE.CNAME is a slow lookup per use
 _NO_CHASE = frozenset({TYPE_CNAME, QTYPE.ANY})
 _ZONE_TRANSFERS = frozenset({251, 252})  # IXFR, AXFR: our zones are synthesized, nothing to transfer
@@ -107,7 +105,12 @@ def _build_chain(zone: Zone, stages: list[Stage]) -> Next:
     apex = text_to_name(_normalise_zone(zone.name))
 
     async def end_of_chain(query: Query) -> Reply:
-        if query.qtype == TYPE_SOA and zone.soa is not None and query.qname_wire.lower() == apex:
+        if (
+            query.qtype == TYPE_SOA
+            and query.qclass == CLASS_IN
+            and zone.soa is not None
+            and query.qname_wire.lower() == apex
+        ):
             # The zone's own SOA at its apex (RFC 1034 §4.3.2): the record its negative
             # answers already carry, asked for by name.
             query.note("end of chain: the zone's SOA at its apex")

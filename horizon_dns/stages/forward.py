@@ -58,14 +58,24 @@ from horizon_dns.core.message import Outcome, Query, Reply
 from horizon_dns.core.names import text_to_name
 from horizon_dns.core.packed import DEFAULT_UDP_PAYLOAD, Packed, bounded_ttls, encode_opt, from_upstream
 from horizon_dns.core.stage import Next
-from horizon_dns.core.wire import AA, CD, FORMERR, HEADER, NOERROR, NXDOMAIN, RD, REFUSED, SERVFAIL, TC
+from horizon_dns.core.wire import (
+    AA,
+    CD,
+    CLASS_IN,
+    FORMERR,
+    HEADER,
+    NOERROR,
+    NXDOMAIN,
+    RD,
+    REFUSED,
+    SERVFAIL,
+    TC,
+)
 from horizon_dns.net.dot import DotPool
 from horizon_dns.net.upstream import Upstream, exchange_tcp, exchange_udp, parse_upstream
 from horizon_dns.stages.context import BuildContext
 
 log = logging.getLogger("horizon_dns.stages.forward")
-
-CLASS_IN = 1  # RFC 1035 §3.2.4
 
 EDE_NO_REACHABLE_AUTHORITY = 22  # RFC 8914 §4.23
 #: What clients are told when no upstream answered; the details go to the log
