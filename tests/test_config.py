@@ -481,3 +481,11 @@ def test_check_cli_reports_former_tracebacks_as_problems(tmp_path: Path) -> None
     assert "horizon.yaml:2: listen[0].address: required key 'address' is missing" in result.stderr
     assert "10-test.yaml:6: zones.t..fallback: expected a mapping of keys" in result.stderr
     assert "10-test.yaml:7: zones.bücher.test: zone 'bücher.test' is not a domain name" in result.stderr
+
+
+def test_a_yml_file_in_the_rules_folder_is_named_not_skipped_silently(tmp_path: Path) -> None:
+    config = write_config(tmp_path, TEMPLATE_ZONE)
+    (tmp_path / "rules" / "20-extra.yml").write_text("zones: {}\n")
+    loaded = load_config(config)
+    warning = next(w for w in loaded.warnings if "20-extra.yml is not read" in w.message)
+    assert warning.severity == "warning" and "rename it to 20-extra.yaml" in warning.hint

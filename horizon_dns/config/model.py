@@ -640,6 +640,10 @@ def _read_server(loader: _Loader, section: Section, base: Path, rules_optional: 
                 "point 'rules:' at the folder holding your *.yaml rules files",
             )
         return config
+    for stray in sorted(rules_dir.glob("*.yml")):  # a common slip: say so rather than skip it silently
+        section.where.child("rules").warn(
+            rules_node, f"{stray} is not read: rules files end in .yaml", f"rename it to {stray.stem}.yaml"
+        )
     server_keys = section.used - {"aliases", "zones"}
     for path in paths:
         rules_section = loader.read_file(path)
