@@ -372,6 +372,12 @@ def test_a_regex_that_runs_away_on_a_query_costs_that_query_only(
     assert time.monotonic() - started < 1.0  # unbounded, this takes minutes
     assert handler.replies[("template:runaway", "failed", "template:runaway:regex-timeout")] == 1
     assert "took over 10 ms" in caplog.text
+    # The same name again fails from the stage's memory, without another 10 ms search.
+    stage = next(s for s in handler.pipeline.stages if isinstance(s, TemplateStage))
+    searched = []
+    monkeypatch.setattr("horizon_dns.stages.template.search", lambda *args: searched.append(args))
+    wire = asyncio.run(handler.answer(make_query("a" * 40 + ".t.test.")))
+    assert wire[3] & 0xF == SERVFAIL and searched == [] and stage.regex_timeouts == 2
 
 
 def test_ra_is_the_servers_so_a_template_zone_carries_it_beside_a_forwarder(tmp_path: Path) -> None:
@@ -451,6 +457,11 @@ def test_a_negative_answer_carries_the_soa_with_the_negative_ttl(tmp_path: Path)
         (r"^.*.*.*x", False),  # three long repetitions: n**3
         (r"(\w)\1", False),  # backreference
         (r"^(?=a).*", False),  # lookaround
+        ("^" + "(?:a|.)" * 24 + "b", False),  # alternations in a row: 2**24 splits
+        ("^" + "a?" * 24 + "a" * 24 + "$", False),  # optional parts in a row
+        ("^" + "a{0,16}" * 6 + "b", False),  # short repetitions in a row
+        ("(?>(?:a+)+b)", False),  # inside an atomic group
+        (r"^(?P<h>node[a-z])\.example\.$", True),
     ],
 )
 def test_a_regex_runs_on_re_only_when_its_shape_bounds_its_time(source: str, bounded: bool) -> None:

@@ -11,10 +11,8 @@ minutes for a 40-letter query name -- every query of the server waits that long,
 since matching holds the event loop. Two engines, chosen per regex when it is
 compiled:
 
-* a regex that cannot backtrack badly by its shape -- no repetition inside a
-  repetition, no alternation inside one, no lookaround or backreference, at most
-  two long repetitions when anchored with ``^`` and one when not (then a 255-octet
-  name costs at most ~65,000 steps, about a millisecond) -- runs on ``re``: the
+* a regex that cannot backtrack badly by its shape (:func:`bounded_by_shape`:
+  at most ~65,000 ways to split a name, about a millisecond) runs on ``re``: the
   rules people write (``^(?P<h>[^.]+)\\.mydomain\\.tld\\.$``) and ``.*``; it needs
   no timer;
 * any other runs on the ``regex`` package (same syntax and match objects) with a
@@ -38,10 +36,6 @@ else:
 
 #: Seconds one search may take on the ``regex`` engine. Ordinary rules need microseconds.
 MATCH_TIMEOUT = 0.01
-
-# A repetition allowed more than this many times counts as long: three long ones in a
-# row make a name of n octets cost up to n**3 steps.
-_LONG = 16
 
 
 class PatternError(ValueError):
@@ -69,42 +63,57 @@ def compile_pattern(source: str) -> Pattern:
 
 
 def bounded_by_shape(source: str) -> bool:
-    """Whether ``source`` cannot backtrack badly, judged from its parse tree alone."""
+    """Whether ``source`` cannot backtrack badly, judged from its parse tree alone.
+
+    Counts the ways the regex can split a name between its parts -- a repetition
+    offers one per length it may take (up to a name's length), an alternation one per
+    branch, ``?`` two -- times every start position when not anchored with ``^``.
+    Backtracking tries at most that many; up to 65,536 is about a millisecond. A
+    repetition of anything that itself has choices ((a+)+, (a|aa)+), a lookaround or
+    a backreference counts as too many.
+    """
     try:
         tree = _parser.parse(source)
     except Exception:  # a private parser may change: then trust only the timeout
         return False
-    long_repeats = [0]
-    # search() tries every start: unanchored, each long repetition multiplies by n once more.
     anchored = len(tree) > 0 and tree[0] == (_parser.AT, _parser.AT_BEGINNING)
-    return _shape_ok(tree, False, long_repeats) and long_repeats[0] <= (2 if anchored else 1)
+    return _ways(tree) * (1 if anchored else _NAME_TEXT) <= _WAYS_MAX
 
 
+_NAME_TEXT = 255  # a query name's text: 255 characters at most (more only with escapes)
+_WAYS_MAX = 2**16
+_TOO_MANY = _WAYS_MAX + 1
 _REPEATS = {_parser.MAX_REPEAT, _parser.MIN_REPEAT, getattr(_parser, "POSSESSIVE_REPEAT", None)}
+_ATOMIC = getattr(_parser, "ATOMIC_GROUP", None)
+_ONE_WAY = {_parser.LITERAL, _parser.NOT_LITERAL, _parser.ANY, _parser.IN, _parser.AT}
 
 
-def _shape_ok(tree: Any, inside_repeat: bool, long_repeats: list[int]) -> bool:
+def _ways(tree: Any) -> int:
+    """An upper bound of the ways ``tree`` can match, capped at _TOO_MANY."""
+    total = 1
     for op, av in tree:
+        if op in _ONE_WAY:
+            continue
         if op in _REPEATS:
-            _low, high, body = av
-            repeats = high == _parser.MAXREPEAT or high > 1
-            if repeats and inside_repeat:
-                return False  # (a+)+: every split of a run is tried
-            if high == _parser.MAXREPEAT or high > _LONG:
-                long_repeats[0] += 1
-            if not _shape_ok(body, inside_repeat or repeats, long_repeats):
-                return False
+            low, high, body = av
+            inner = _ways(body)
+            if high <= 1:  # x? or x{1}: skip it or take one of its ways
+                total *= inner if low else 1 + inner
+            elif inner > 1:
+                return _TOO_MANY  # a repeated part with choices: every split is tried
+            else:
+                total *= min(high, _NAME_TEXT) - min(low, _NAME_TEXT) + 1
         elif op is _parser.SUBPATTERN:
-            if not _shape_ok(av[-1], inside_repeat, long_repeats):
-                return False
+            total *= _ways(av[-1])
+        elif op is _ATOMIC:
+            total *= _ways(av)
         elif op is _parser.BRANCH:
-            if inside_repeat:
-                return False  # (a|aa)+: overlapping branches, again every split
-            if not all(_shape_ok(branch, inside_repeat, long_repeats) for branch in av[1]):
-                return False
-        elif op in (_parser.GROUPREF, _parser.GROUPREF_EXISTS, _parser.ASSERT, _parser.ASSERT_NOT):
-            return False  # backreferences and lookarounds: leave them to the timeout
-    return True
+            total *= sum(_ways(branch) for branch in av[1])
+        else:  # backreferences, lookarounds, conditionals: leave them to the timeout
+            return _TOO_MANY
+        if total > _WAYS_MAX:
+            return _TOO_MANY
+    return total
 
 
 def search(pattern: Pattern, name: str) -> Match | None:

@@ -80,6 +80,12 @@ log = logging.getLogger("horizon_dns.stages.template")
 MAX_REGEX_LENGTH = 1024
 MAX_RENDERED = 16384
 _UNSEEN = object()
+
+
+class _TimedOut(str):
+    """A name's remembered PatternTimeout (its message): a fresh exception each time."""
+
+
 _RR_CACHE_SIZE = 2048  # rendered texts kept parsed and packed; bounds memory under a flood of names
 _VARIABLES = frozenset({"name", "zone", "type", "class", "group", "match", "client", "alias"})
 ANY = 255
@@ -183,11 +189,16 @@ class TemplateStage:
         found = self._matched.get(name, _UNSEEN)
         if found is _UNSEEN:
             found = None
-            for pattern in self.patterns:
-                found = search(pattern, name)
-                if found is not None:
-                    break
+            try:
+                for pattern in self.patterns:
+                    found = search(pattern, name)
+                    if found is not None:
+                        break
+            except PatternTimeout as exc:
+                found = _TimedOut(exc)  # asked again, the name fails at once: no 10 ms each time
             remember(self._matched, name, found, _RR_CACHE_SIZE)
+        if isinstance(found, _TimedOut):
+            raise PatternTimeout(found)
         return found  # type: ignore[return-value]
 
     async def handle(self, query: Query, next: Next) -> Reply:
