@@ -393,7 +393,10 @@ def test_formerr_without_a_question_passes_the_exchange_checks(fake: Scripted) -
     assert data[:2] == b"\x12\x34" and data[3] & 0xF == 1
 
 
-def test_formerr_without_opt_fails_that_upstream_and_the_next_is_asked() -> None:
+def test_formerr_without_opt_moves_on_but_never_marks_the_upstream_down() -> None:
+    """It answers, it just will not take this question: a client must not be able to
+    mark our upstreams down by asking for a meta-type three times."""
+
     def always_formerr(request: DNSRecord, _data: bytes) -> list[bytes]:
         reply = request.reply()
         reply.header.rcode = RCODE.FORMERR
@@ -406,10 +409,13 @@ def test_formerr_without_opt_fails_that_upstream_and_the_next_is_asked() -> None
         reply = asyncio.run(stage.handle(query, _no_next))
         assert reply.rcode == NOERROR and good.names() == ["x.example."]
         assert [has_opt(r) for r in bad.requests] == [True, False]
-        assert stage.states[0].errors == 1
-        # With only that upstream the client gets SERVFAIL, never the FORMERR.
-        alone = asyncio.run(forward(bad.address, timeout=0.5).handle(query, _no_next))
-        assert alone.rcode == SERVFAIL
+        # With only that upstream the client gets SERVFAIL, never the FORMERR ...
+        alone = forward(bad.address, timeout=0.5)
+        for _ in range(4):
+            assert asyncio.run(alone.handle(query, _no_next)).rcode == SERVFAIL
+        # ... and the upstream stays in service.
+        assert stage.states[0].failures == 0 and alone.states[0].failures == 0
+        assert alone.states[0].down_until == 0
 
 
 # 7. A forwarded answer is final: its CNAMEs are not chased again ---------------

@@ -19,8 +19,8 @@ more without OPT, for servers without EDNS (RFC 6891 §7); the client never sees
 that FORMERR. A try that times out, fails, or answers SERVFAIL, REFUSED or (without
 OPT) FORMERR moves on to the next upstream; three failures in a row mark an
 upstream down, and it is tried again after a back-off (1 s doubling to 30 s) -- or
-at once when every upstream is down. REFUSED is an answer, not a sign of ill
-health: it moves on but never marks the upstream down. When all fail within
+at once when every upstream is down. REFUSED and FORMERR are answers, not signs
+of ill health: they move on but never mark the upstream down. When all fail within
 ``total_timeout`` the reply is SERVFAIL with the Extended DNS Error an upstream's
 SERVFAIL carried, else 22, "No Reachable Authority" (RFC 8914 §4.23), with a
 generic text: what each upstream did goes to the log and ``explain``, not to
@@ -294,7 +294,12 @@ class ForwardStage:
                     message = self._message(secrets.randbits(16), flags, question, do, edns=False)
                     data = await self._exchange(upstream, message, question_end, min(self.timeout, remaining))
                     if _rcode(data) == FORMERR:
-                        raise ValueError("FORMERR to a query without EDNS")
+                        # It answers; it will not take this question (a meta-type such
+                        # as TYPE41, say). Like REFUSED: the next upstream, no ill health
+                        # -- a client must not be able to mark our upstreams down.
+                        problems.append(f"{upstream} FORMERR")
+                        query.note(f"  {upstream}: FORMERR without EDNS too -> next upstream")
+                        continue
                 packed = from_upstream(data, question_end)
             except TimeoutError:
                 state.failed(loop_time())
