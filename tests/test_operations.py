@@ -454,3 +454,31 @@ def test_a_bind_error_hints_at_its_usual_cause() -> None:
     assert "CAP_NET_BIND_SERVICE" in BindError("cannot listen", errno.EACCES).hint
     assert "ip addr" in BindError("cannot listen", errno.EADDRNOTAVAIL).hint
     assert "listen:" in BindError("cannot listen", None).hint
+
+
+def test_a_listener_that_fails_half_way_leaves_nothing_behind(tmp_path: Path) -> None:
+    """UDP bound, then TCP's listen() fails: no stray UDP listener, the lists stay parallel."""
+    handler = QueryHandler(config_from(tmp_path, SEED_RULES).pipeline())
+    old, fresh = _free_port(), _free_port()
+
+    async def scenario() -> None:
+        server = DnsServer(handler, [ListenAddress("127.0.0.1", old)], batched=False)
+        await server.start()
+        loop = asyncio.get_running_loop()
+
+        async def refuse(*_args: object, **_kwargs: object) -> None:
+            raise OSError(errno.EADDRINUSE, "Address already in use")
+
+        loop.create_server = refuse  # type: ignore[method-assign, assignment]
+        try:
+            with pytest.raises(BindError):
+                await server.rebind([ListenAddress("127.0.0.1", old), ListenAddress("127.0.0.1", fresh)])
+            lists = (server.listen, server.bound, server.udp, server.tcp, server.acls)
+            assert [len(each) for each in lists] == [1] * 5
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                probe.bind(("127.0.0.1", fresh))  # nobody kept the new port
+        finally:
+            del loop.create_server
+            await server.stop(1)
+
+    asyncio.run(scenario())

@@ -115,20 +115,30 @@ class DnsServer:
                     continue  # the ephemeral UDP port is taken on TCP; pick another
                 raise BindError(f"cannot listen on TCP {address}: {exc.strerror}", exc.errno) from exc
             break
+        # Everything is made before any list grows: the five lists stay parallel, and a
+        # failure leaves nothing listening that rebind would not know of.
         acl = Acl(address.allow)
-        if self.batched:
-            batched = BatchedUdpListener(self.handler, self.inflight, acl, self.policy)
-            self.udp.append((cast(asyncio.BaseTransport, batched.attach(udp_sock)), batched))
-        else:
-            transport, protocol = await loop.create_datagram_endpoint(
-                lambda: UdpListener(self.handler, self.inflight, acl, self.policy), sock=udp_sock
+        udp: tuple[asyncio.BaseTransport, UdpListener] | None = None
+        try:
+            if self.batched:
+                batched = BatchedUdpListener(self.handler, self.inflight, acl, self.policy)
+                udp = (cast(asyncio.BaseTransport, batched.attach(udp_sock)), batched)
+            else:
+                udp = await loop.create_datagram_endpoint(
+                    lambda: UdpListener(self.handler, self.inflight, acl, self.policy), sock=udp_sock
+                )
+            server = await loop.create_server(
+                lambda: TcpConnection(self.handler, self.inflight, self.connections, acl),
+                sock=tcp_sock,
+                backlog=1024,
             )
-            self.udp.append((transport, protocol))
-        server = await loop.create_server(
-            lambda: TcpConnection(self.handler, self.inflight, self.connections, acl),
-            sock=tcp_sock,
-            backlog=1024,
-        )
+        except OSError as exc:
+            if udp is not None:
+                udp[0].close()
+            udp_sock.close()
+            tcp_sock.close()
+            raise BindError(f"cannot listen on {address}: {exc.strerror or exc}", exc.errno) from exc
+        self.udp.append(udp)
         self.tcp.append(server)
         self.acls.append(acl)
         self.bound.append(ListenAddress(address.host, port, address.allow))
