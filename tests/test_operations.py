@@ -14,6 +14,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import dns.flags
 import dns.message
 import dns.query
 import dns.rcode
@@ -482,3 +483,21 @@ def test_a_listener_that_fails_half_way_leaves_nothing_behind(tmp_path: Path) ->
             await server.stop(1)
 
     asyncio.run(scenario())
+
+
+def test_chaos_id_server_says_which_node_answered(tmp_path: Path) -> None:
+    """RFC 4892: dig CH TXT id.server (or hostname.bind) names the node, as NSID does."""
+    handler = QueryHandler(config_from(tmp_path, SEED_RULES).pipeline(), nsid="nodea")
+    for name in ("id.server.", "HOSTNAME.bind."):
+        wire = dns.message.make_query(name, "TXT", rdclass="CH").to_wire()
+        reply = dns.message.from_wire(asyncio.run(handler.handle(wire, ("127.0.0.1", 1), "udp")) or b"")
+        assert reply.rcode() == dns.rcode.NOERROR and reply.flags & dns.flags.AA
+        assert [rr.to_text() for rr in reply.answer[0]] == ['"nodea"'], reply
+    # The version stays private, and no NSID configured means no identity either.
+    wire = dns.message.make_query("version.bind.", "TXT", rdclass="CH").to_wire()
+    reply = dns.message.from_wire(asyncio.run(handler.handle(wire, ("127.0.0.1", 1), "udp")) or b"")
+    assert reply.rcode() == dns.rcode.REFUSED
+    anonymous = QueryHandler(handler.pipeline, nsid="")
+    wire = dns.message.make_query("id.server.", "TXT", rdclass="CH").to_wire()
+    reply = dns.message.from_wire(asyncio.run(anonymous.handle(wire, ("127.0.0.1", 1), "udp")) or b"")
+    assert reply.rcode() == dns.rcode.REFUSED

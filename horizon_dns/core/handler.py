@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable
 from time import monotonic
 
+from dnslib import RR, TXT
+
 from horizon_dns.core.bounded import remember
 from horizon_dns.core.encode import (
     CLASSIC_UDP_LIMIT,
@@ -41,6 +43,7 @@ from horizon_dns.core.wire import (
     EDNS_DO,
     FORMERR,
     HEADER,
+    NOERROR,
     NOTIMP,
     RR_FIXED,
     SERVFAIL,
@@ -79,6 +82,10 @@ COUNTED_TYPES = frozenset(
     }
 )
 #: Type code -> its label in the responses metric.
+# RFC 4892 §2: the CHAOS names that ask a server who it is (its version it keeps to itself).
+_IDENTITY = frozenset({"id.server.", "hostname.bind."})
+CLASS_CH, TYPE_TXT = 3, 16
+
 _TYPE_LABELS = {
     code: name for code, name in ((c, qtype_name(c)) for c in range(1, 260)) if name in COUNTED_TYPES
 }
@@ -286,6 +293,11 @@ class QueryHandler:
         if query.edns is not None and query.edns.version > 0:
             # RFC 6891 §6.1.3: we implement version 0 only.
             reply = Reply(BADVERS, "edge", Outcome.OTHER, "badvers")
+            recursion = False
+        elif query.qclass == CLASS_CH and query.qtype == TYPE_TXT and self.nsid and query.name in _IDENTITY:
+            # RFC 4892 §2-3: which server answered, the node's name as NSID says it.
+            identity = RR(query.name, TYPE_TXT, CLASS_CH, 0, TXT(self.nsid))
+            reply = Reply(NOERROR, "edge", Outcome.ANSWER, "identity", answer=[identity], authoritative=True)
             recursion = False
         else:
             try:
