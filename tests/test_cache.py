@@ -22,7 +22,7 @@ from horizon_dns.core.handler import QueryHandler
 from horizon_dns.core.message import Edns, Outcome, Query, Reply
 from horizon_dns.core.names import name_to_text, text_to_name
 from horizon_dns.core.wire import NOERROR, NXDOMAIN, SERVFAIL
-from horizon_dns.stages.cache import EDE_STALE_ANSWER, STALE_TTL, CacheStage, query_key
+from horizon_dns.stages.cache import EDE_STALE_ANSWER, STALE_RECHECK, STALE_TTL, CacheStage, query_key
 
 
 class Clock:
@@ -153,6 +153,23 @@ def test_serve_stale_when_what_follows_fails() -> None:
     assert ede.code == EDE_STALE_ANSWER
     clock.now += 3600  # beyond max_stale: the failure is passed on
     assert run(cache, make_query("a.test."), failing).rcode == SERVFAIL
+
+
+def test_after_a_failed_refresh_stale_is_served_at_once_for_a_while() -> None:
+    """RFC 8767 §5, failure recheck timer: the upstreams are not waited out on every query."""
+    clock = Clock()
+    cache = CacheStage(clock=clock, max_stale=3600)
+    run(cache, make_query("a.test."), Next())
+    clock.now += 120  # expired
+    failing = Next(Reply(SERVFAIL, "forward", Outcome.FAILED, "forward:unreachable"))
+    assert run(cache, make_query("a.test."), failing).reason == "cache:stale"
+    clock.now += STALE_RECHECK - 1
+    assert run(cache, make_query("a.test."), failing).reason == "cache:stale"
+    assert failing.calls == 1  # the second stale answer asked nobody
+    clock.now += 2  # the recheck time is up: the upstreams are asked again
+    working = Next()
+    reply = run(cache, make_query("a.test."), working)
+    assert working.calls == 1 and reply.reason != "cache:stale" and not cache.recheck
 
 
 def test_concurrent_identical_misses_coalesce() -> None:

@@ -49,6 +49,7 @@ from horizon_dns.core.wire import CD, NOERROR, NXDOMAIN, SERVFAIL
 from horizon_dns.stages.context import BuildContext
 
 STALE_TTL = 30  # RFC 8767 §4: "a TTL of 30 seconds is recommended"
+STALE_RECHECK = 30.0  # RFC 8767 §5: after a failed refresh, serve stale that long before retrying
 EDE_STALE_ANSWER = 3  # RFC 8914 §4.4
 _TAIL = struct.Struct("!HHB")
 
@@ -121,6 +122,8 @@ class CacheStage:
         self.serve_stale = serve_stale
         self.max_stale = max_stale
         self.servfail_ttl = servfail_ttl
+        #: Key -> until when a failed refresh is not tried again (RFC 8767 §5).
+        self.recheck: dict[bytes, float] = {}
         self.clock = clock
         # A second before now, so a stored time kept _EARLY ticks early stays >= 0.
         self.epoch = clock() - 1.0
@@ -200,6 +203,15 @@ class CacheStage:
                 packed=packed.with_body(body),
             )  # fmt: skip
         self.misses += 1
+        recheck = self.recheck.get(key)
+        if recheck is not None:
+            if self.clock() < recheck:
+                # RFC 8767 §5, failure recheck timer: refreshing this entry failed moments
+                # ago; answer stale at once rather than wait out the upstreams again.
+                stale = self._stale(key, query)
+                if stale is not None:
+                    return stale
+            del self.recheck[key]
         waiting = self.inflight.get(key)
         if waiting is not None:
             self.coalesced += 1
@@ -214,6 +226,7 @@ class CacheStage:
                 stale = self._stale(key, query)
                 if stale is not None:
                     reply = stale
+                    remember(self.recheck, key, self.clock() + STALE_RECHECK, self.max_entries)
                 elif not self.leading:
                     self.store(key, query, reply)  # the failure, for servfail_ttl
             else:
