@@ -86,10 +86,11 @@ def has_opt(request: bytes) -> bool:
     return any(rr.rtype == QTYPE.OPT for rr in DNSRecord.parse(request).ar)
 
 
-def a_reply(ttl: int, aa: bool = False) -> Script:
+def a_reply(ttl: int, aa: bool = False, ad: bool = False) -> Script:
     def script(request: DNSRecord, _data: bytes) -> list[bytes]:
         reply = request.reply()
         reply.header.aa = 1 if aa else 0
+        reply.header.ad = 1 if ad else 0
         reply.add_answer(RR(request.q.qname, QTYPE.A, ttl=ttl, rdata=A("192.0.2.1")))
         return [reply.pack()]
 
@@ -249,6 +250,19 @@ def test_aa_is_cleared_in_forwarded_and_cached_answers(
         cached = hot(handler, name)
         assert first.flags & dns.flags.QR and first.flags & dns.flags.RA
         assert not first.flags & dns.flags.AA and not cached.flags & dns.flags.AA
+
+
+def test_ad_reaches_only_a_client_that_asked_with_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake: Scripted
+) -> None:
+    """RFC 6840 §5.8: AD only to a client that set DO (the cache keeps DO apart)."""
+    fake.scripts["ad.example."] = a_reply(60, ad=True)
+    _clock, handler = leading(tmp_path, monkeypatch, fake.address)
+    for want_dnssec in (False, True):
+        query = dns.message.make_query("ad.example.", "A", want_dnssec=want_dnssec)
+        data = asyncio.run(handler.handle(query.to_wire(), ("127.0.0.1", 1), "udp"))
+        assert data is not None
+        assert bool(dns.message.from_wire(data).flags & dns.flags.AD) is want_dnssec
 
 
 # 4. RFC 2308 §5: the SOA of a negative answer carries the negative TTL -------------

@@ -60,6 +60,7 @@ from horizon_dns.core.packed import DEFAULT_UDP_PAYLOAD, Packed, bounded_ttls, e
 from horizon_dns.core.stage import Next
 from horizon_dns.core.wire import (
     AA,
+    AD,
     CD,
     CLASS_IN,
     FORMERR,
@@ -326,7 +327,9 @@ class ForwardStage:
                 continue
             state.succeeded(loop_time() - started)
             query.note(f"  {upstream}: rcode {packed.rcode}, {packed.ancount} answer(s)")
-            return Reply(packed.rcode, self.name, _outcome(packed), f"{self.name}", packed=_relayed(packed))
+            return Reply(
+                packed.rcode, self.name, _outcome(packed), f"{self.name}", packed=_relayed(packed, do)
+            )
         if not problems:
             problems.append("no usable upstream")
         text = "; ".join(problems)
@@ -347,12 +350,14 @@ def _rcode(data: bytes) -> int:
     return data[3] & 0xF if len(data) >= HEADER.size else FORMERR
 
 
-def _relayed(packed: Packed) -> Packed:
+def _relayed(packed: Packed, do: bool) -> Packed:
     """An upstream's reply as a forwarder relays it: not authoritative (RFC 1035 §4.1.1:
-    AA is for a server's own data), TTLs with the high bit set as 0 (RFC 2181 §8), a
-    negative answer's SOA TTL as its negative TTL (RFC 2308 §5), and final: its CNAMEs
-    are not chased again (RFC 1034 §4.3.2 is for a server's own data)."""
-    return replace(bounded_ttls(packed), flags=packed.flags & ~AA, final=True)
+    AA is for a server's own data), AD only to a client that asked with DO (RFC 6840
+    §5.8; the cache keeps DO and non-DO answers apart), TTLs with the high bit set as 0
+    (RFC 2181 §8), a negative answer's SOA TTL as its negative TTL (RFC 2308 §5), and
+    final: its CNAMEs are not chased again (RFC 1034 §4.3.2 is for a server's own data)."""
+    flags = packed.flags & ~(AA if do else AA | AD)
+    return replace(bounded_ttls(packed), flags=flags, final=True)
 
 
 # Building from configuration ---------------------------------------------------
