@@ -127,6 +127,8 @@ class Runtime:
         self.query_log: QueryLog | None = None
         self.stop_event = asyncio.Event()
         self.reload_lock = asyncio.Lock()
+        #: The config files' (mtime, size) as last read, for the file watch.
+        self.seen: dict[str, tuple[int, int]] = {}
         self.background: set[asyncio.Task[object]] = set()
         self._apply_query_log(config)
 
@@ -227,25 +229,26 @@ class Runtime:
 
     async def watch(self) -> None:
         """Reload when the server file or a rules file changes (polled, debounced)."""
-        seen = _snapshot(self.config)
+        self.seen = _snapshot(self.config)
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
             now = _snapshot(self.config)
-            if now == seen:
+            if now == self.seen:
                 continue
             await asyncio.sleep(WATCH_SETTLE)
             settled = _snapshot(self.config)
             if settled != now:
                 continue  # still being written; look again next round
-            seen = settled
             await self.reload("file change")
-            seen = _snapshot(self.config)
 
     async def reload(self, why: str) -> bool:
         """Build the new configuration fully; swap it in, or keep the old one on any error."""
         async with self.reload_lock:
             reloading()
             log.info("reloading (%s)", why)
+            # The files as this reload reads them: after a SIGHUP the watcher must not
+            # reload the same edit a second time.
+            self.seen = _snapshot(self.config)
             try:
                 try:
                     config = load_config(self.config.path)

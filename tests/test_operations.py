@@ -501,3 +501,21 @@ def test_chaos_id_server_says_which_node_answered(tmp_path: Path) -> None:
     wire = dns.message.make_query("id.server.", "TXT", rdclass="CH").to_wire()
     reply = dns.message.from_wire(asyncio.run(anonymous.handle(wire, ("127.0.0.1", 1), "udp")) or b"")
     assert reply.rcode() == dns.rcode.REFUSED
+
+
+def test_an_edit_followed_by_sighup_is_reloaded_once(tmp_path: Path) -> None:
+    """The watcher must not reload again an edit that a SIGHUP reload has already read."""
+    server = start_server(tmp_path, RELOAD_RULES)
+    try:
+        (tmp_path / "rules" / "10-test.yaml").write_text(
+            textwrap.dedent(RELOAD_RULES).replace("100.64.0.1", "100.64.0.7")
+        )
+        server.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "reloaded:" not in server.log_text() and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling the log: the server says when it is done
+        # Two watch rounds and a settle: what a second reload would need to show up.
+        time.sleep(2 * 1.0 + 0.3 + 0.5)  # waiting out time itself: the event is its absence
+        assert server.log_text().count("reloading (") == 1, server.log_text()
+    finally:
+        server.stop()
