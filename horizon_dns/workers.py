@@ -25,11 +25,26 @@ log = logging.getLogger("horizon_dns.workers")
 RESTART_BACKOFF_MAX = 30.0
 
 
+class _WorkerName(logging.Filter):
+    """Puts the worker's index before the logger name: N processes share one journal."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.prefix = f"worker {index} "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self.prefix):
+            record.name = self.prefix + record.name
+        return True
+
+
 def _child(config: Config, index: int) -> None:
     from horizon_dns.runtime import serve
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_WorkerName(index))
     code = 1
     try:
         code = asyncio.run(serve(config, worker=index))

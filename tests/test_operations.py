@@ -371,6 +371,8 @@ def test_workers_share_the_port_and_a_dead_worker_is_replaced(tmp_path: Path) ->
         assert re.search(r"worker 0 \(pid \d+\) exited with -9; restarting", server.log_text())
         for i in range(50):  # the other worker and then the new one keep answering
             assert ask(server, f"v{i}.mydomain.tld").rcode() == dns.rcode.NOERROR
+        # Two processes, one log: each worker's lines say which worker wrote them.
+        assert re.search(r"INFO worker 1 horizon_dns\.runtime: listening on", server.log_text())
     finally:
         assert server.stop() == 0
     assert "Traceback" not in server.log_text()
