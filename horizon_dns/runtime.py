@@ -59,7 +59,9 @@ def make_llmnr_responder(config: Config) -> LlmnrResponder | None:
         ttl=settings.ttl,
     )
     wanted = settings.interfaces
-    return LlmnrResponder(names, lambda: list_interfaces(wanted), tcp=settings.tcp)
+    return LlmnrResponder(
+        names, lambda: list_interfaces(wanted), tcp=settings.tcp, follow_hostname=not settings.hostname
+    )
 
 
 def carry_caches(old: Pipeline, new: Pipeline) -> int:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import struct
+from pathlib import Path
 
 import dns.message
 import dns.rdatatype
@@ -185,3 +187,21 @@ def test_structured_queries_follow_the_rules(name: str, flags: int, qtype: int) 
     reply, reason = decide(data, MCAST, NAMES, ETH0)
     ignored = flags & (0x8000 | 0x7800 | C_BIT) or name == "other"
     assert (reply is None) == bool(ignored), reason
+
+
+def test_a_configured_hostname_survives_the_rescan(tmp_path: Path) -> None:
+    """Reported: the periodic rescan replaced llmnr.hostname with the system's name."""
+    from helpers import config_from
+
+    from horizon_dns.runtime import make_llmnr_responder
+
+    config = config_from(tmp_path, "zones: {}\n", "llmnr: {hostname: LabHost, interfaces: [nosuch0]}\n")
+    responder = make_llmnr_responder(config)
+    assert responder is not None
+    asyncio.run(responder.rescan())
+    assert responder.names.hostname == "LabHost"
+    # Without one, the system's hostname is followed as it changes.
+    (tmp_path / "b").mkdir()
+    plain = config_from(tmp_path / "b", "zones: {}\n", "llmnr: {interfaces: [nosuch0]}\n")
+    follower = make_llmnr_responder(plain)
+    assert follower is not None and follower.follow_hostname

@@ -84,8 +84,11 @@ class LlmnrResponder:
         tcp: bool = True,
         rescan: float = 10.0,
         port: int = LLMNR_PORT,
+        follow_hostname: bool = True,
     ) -> None:
         self.names = names
+        #: False when the config names the host: then the system's hostname is not ours.
+        self.follow_hostname = follow_hostname
         self.list_interfaces = interfaces
         self.tcp = tcp
         self.rescan_interval = rescan
@@ -160,7 +163,7 @@ class LlmnrResponder:
 
     async def rescan(self) -> None:
         """Serve interfaces and addresses as they are now; follow hostname changes."""
-        hostname = socket.gethostname().split(".")[0]
+        hostname = socket.gethostname().split(".")[0] if self.follow_hostname else ""
         if hostname and hostname != self.names.hostname:
             log.info("LLMNR: hostname is now %s", hostname)
             self.names.hostname = hostname
