@@ -23,6 +23,7 @@ from horizon_dns.llmnr.responder import (
     Names,
     build_query,
     decide,
+    usable_response,
 )
 
 ETH0 = Interface(
@@ -205,3 +206,19 @@ def test_a_configured_hostname_survives_the_rescan(tmp_path: Path) -> None:
     plain = config_from(tmp_path / "b", "zones: {}\n", "llmnr: {interfaces: [nosuch0]}\n")
     follower = make_llmnr_responder(plain)
     assert follower is not None and follower.follow_hostname
+
+
+def test_a_sender_uses_only_plain_answers() -> None:
+    """RFC 4795 §2.1.1 and §4.1: one question, RCODE 0, not tentative."""
+    query = build_query(7, "hub", 1)
+    reply = bytearray(query)
+    reply[2] |= 0x80  # QR
+    assert usable_response(bytes(reply))
+    tentative = bytearray(reply)
+    tentative[2] |= 0x01  # T
+    failed = bytearray(reply)
+    failed[3] |= 0x02  # SERVFAIL
+    no_question = bytearray(reply[:12])
+    no_question[4:6] = b"\x00\x00"
+    for bad in (tentative, failed, no_question, reply[:5]):
+        assert not usable_response(bytes(bad))

@@ -178,6 +178,16 @@ def _pack(msg_id: int, flags: int, question: bytes, records: Iterable[RR]) -> by
     return bytes(buf.data)
 
 
+def usable_response(data: bytes) -> bool:
+    """Whether a sender may use an LLMNR response: one question (RFC 4795 §2.1.1:
+    others are silently discarded), RCODE 0, and not tentative -- a T bit means the
+    responder has not verified the name is its own, or lost it in a conflict (§4.1)."""
+    if len(data) < HEADER.size:
+        return False
+    _msg_id, flags, qdcount, _an, _ns, _ar = HEADER.unpack_from(data)
+    return qdcount == 1 and flags & 0xF == 0 and not flags & T_BIT
+
+
 def build_query(msg_id: int, name: str, qtype: int) -> bytes:
     """An LLMNR query (RFC 4795 §2.1.1): flags all zero, one question, class IN."""
     from horizon_dns.core.names import text_to_name

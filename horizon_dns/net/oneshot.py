@@ -3,8 +3,9 @@
 Contract: ``await ask_group(group, name, qtype, interface, window, family, first)``
 sends one query for ``name``/``qtype`` to ``group`` out of ``interface`` from a fresh
 socket on an ephemeral port, and returns ``(source address, reply)`` for each reply
-that carries the query's ID and the QR bit -- collected for ``window`` seconds, or
-until the first one when ``first``. Network trouble is an empty list, never an error.
+that carries the query's ID and the QR bit (and that ``accept`` takes, if given) --
+collected for ``window`` seconds, or until the first one when ``first``. Network
+trouble is an empty list, never an error.
 
 Why a fresh socket on an ephemeral port, for mDNS too (RFC 6762 §5.1 "one-shot
 queries", answered per §6.7 by unicast to the querier's port): a querier on port
@@ -23,6 +24,7 @@ import logging
 import secrets
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from horizon_dns.llmnr.responder import LLMNR_GROUP_V4, LLMNR_GROUP_V6, LLMNR_PORT, QR, Interface, build_query
@@ -53,6 +55,7 @@ async def ask_group(
     window: float,
     family: int = socket.AF_INET,
     first: bool = False,
+    accept: Callable[[bytes], bool] | None = None,
 ) -> list[tuple[str, bytes]]:
     """Ask ``group`` on ``interface``; return (source, reply) of the answers (see module)."""
     loop = asyncio.get_running_loop()
@@ -85,7 +88,12 @@ async def ask_group(
                     data, source = sock.recvfrom(9000)
                 except OSError:  # BlockingIOError included: drained
                     return
-                if len(data) >= 4 and struct.unpack_from("!H", data)[0] == msg_id and data[2] & (QR >> 8):
+                if (
+                    len(data) >= 4
+                    and struct.unpack_from("!H", data)[0] == msg_id
+                    and data[2] & (QR >> 8)
+                    and (accept is None or accept(data))
+                ):
                     replies.append((str(source[0]), data))
                     got_one.set()
 

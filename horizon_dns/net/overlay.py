@@ -33,7 +33,7 @@ from pathlib import Path
 
 from dnslib import QTYPE, DNSRecord
 
-from horizon_dns.llmnr.responder import Interface, build_query
+from horizon_dns.llmnr.responder import Interface, build_query, usable_response
 from horizon_dns.net.llmnr import query_tcp
 from horizon_dns.net.oneshot import LLMNR, MDNS, Group, ask_group
 
@@ -79,13 +79,19 @@ def addresses_in(reply: bytes, version: int, name: str) -> list[IPAddress]:
 
 
 async def ask_interfaces(
-    group: Group, name: str, version: int, interfaces: list[Interface], timeout: float
+    group: Group,
+    name: str,
+    version: int,
+    interfaces: list[Interface],
+    timeout: float,
+    accept: Callable[[bytes], bool] | None = None,
 ) -> list[IPAddress]:
-    """Ask ``group`` for ``name`` on every interface over IPv4 and IPv6; first answer wins."""
+    """Ask ``group`` for ``name`` on every interface over IPv4 and IPv6; the first
+    answer ``accept`` takes (any, when None) wins."""
     qtype = QTYPE.A if version == 4 else QTYPE.AAAA
 
     async def ask(interface: Interface, family: int) -> list[IPAddress]:
-        replies = await ask_group(group, name, qtype, interface, timeout, family, first=True)
+        replies = await ask_group(group, name, qtype, interface, timeout, family, first=True, accept=accept)
         return [address for _source, reply in replies for address in addresses_in(reply, version, name)]
 
     families = (socket.AF_INET, socket.AF_INET6)
@@ -118,7 +124,7 @@ class LlmnrLookup:
         self.interfaces = interfaces
 
     async def __call__(self, host: str, version: int, timeout: float) -> list[IPAddress]:
-        return await ask_interfaces(LLMNR, host, version, self.interfaces(), timeout)
+        return await ask_interfaces(LLMNR, host, version, self.interfaces(), timeout, usable_response)
 
 
 def parse_peers(text: str) -> list[str]:
@@ -240,12 +246,14 @@ class PeerLookup:
     async def _ask(self, peer: str, host: str, qtype: int, version: int, timeout: float) -> list[IPAddress]:
         assert self.fanout is not None
 
-        async def via(reply: Awaitable[bytes | None], name: str) -> list[IPAddress]:
+        async def via(reply: Awaitable[bytes | None], name: str, llmnr: bool = False) -> list[IPAddress]:
             data = await reply
-            return addresses_in(data, version, name) if data else []
+            if not data or (llmnr and not usable_response(data)):
+                return []
+            return addresses_in(data, version, name)
 
         async with self.fanout:
-            asks = [via(query_tcp(peer, host, qtype, timeout), host)]
+            asks = [via(query_tcp(peer, host, qtype, timeout), host, llmnr=True)]
             if ":" not in peer:  # avahi answers legacy unicast over IPv4 only
                 mdns_name = f"{host}.local"
                 asks.append(via(query_mdns_unicast(peer, mdns_name, qtype, timeout), mdns_name))
