@@ -161,6 +161,11 @@ def test_parse_peers_formats() -> None:
         ' "Peer": {"k1": {"TailscaleIPs": ["100.64.0.2", "fd7a:115c:a1e0::2"]}}}'
     )
     assert parse_peers(tailscale) == ["100.64.0.2", "fd7a:115c:a1e0::2"]
+    # An offline peer cannot answer: it would only hold a fan-out slot for the timeout.
+    offline = tailscale.replace(
+        '"k1": {', '"k0": {"Online": false, "TailscaleIPs": ["100.64.0.9"]}, "k1": {"Online": true, '
+    )
+    assert parse_peers(offline) == ["100.64.0.2", "fd7a:115c:a1e0::2"]
     assert parse_peers('["100.64.0.3"]') == ["100.64.0.3"]
     assert parse_peers("# peers\n100.64.0.4\n100.64.0.5 laptop\n") == ["100.64.0.4", "100.64.0.5"]
     with pytest.raises(ValueError):

@@ -130,7 +130,8 @@ class LlmnrLookup:
 def parse_peers(text: str) -> list[str]:
     """Peer addresses from a command's or file's output.
 
-    Accepts ``tailscale status --json`` (``Peer.*.TailscaleIPs``), a JSON list of
+    Accepts ``tailscale status --json`` (``Peer.*.TailscaleIPs``, peers that are not
+    ``Online`` left out), a JSON list of
     addresses, or text with one address per line (``#`` comments allowed).
     """
     text = text.strip()
@@ -142,7 +143,9 @@ def parse_peers(text: str) -> list[str]:
             if not isinstance(peers, dict):
                 raise ValueError("'Peer' is not an object")
             for peer in peers.values():
-                if isinstance(peer, dict):
+                # An offline peer cannot answer: asking it only holds a fan-out slot
+                # for the whole lookup timeout while live peers wait.
+                if isinstance(peer, dict) and peer.get("Online") is not False:
                     found.extend(str(ip) for ip in peer.get("TailscaleIPs") or [])
         elif isinstance(data, list):
             found.extend(str(ip) for ip in data)
