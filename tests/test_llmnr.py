@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import socket
 import struct
 from pathlib import Path
 
@@ -222,3 +223,35 @@ def test_a_sender_uses_only_plain_answers() -> None:
     no_question[4:6] = b"\x00\x00"
     for bad in (tentative, failed, no_question, reply[:5]):
         assert not usable_response(bytes(bad))
+
+
+def test_llmnr_tcp_leaves_with_ttl_1_from_the_handshake_on() -> None:
+    """RFC 4795 §2.5: the listener's TTL is inherited by every connection, SYN-ACK included."""
+    from horizon_dns.net.llmnr import _tcp_listener
+
+    listener = _tcp_listener(ipaddress.ip_address("127.0.0.1"), 0)
+    client = socket.create_connection(listener.getsockname(), timeout=2)
+    try:
+        listener.setblocking(True)
+        accepted, _peer = listener.accept()
+        with accepted:
+            assert listener.getsockopt(socket.IPPROTO_IP, socket.IP_TTL) == 1
+            assert accepted.getsockopt(socket.IPPROTO_IP, socket.IP_TTL) == 1
+    finally:
+        client.close()
+        listener.close()
+
+
+def test_llmnr_tcp_connections_are_capped() -> None:
+    from horizon_dns.net.llmnr import MAX_TCP_CLIENTS, LlmnrResponder
+
+    responder = LlmnrResponder(Names("nodea", frozenset(), {}), list)
+    responder._tcp_tasks = {object() for _ in range(MAX_TCP_CLIENTS)}  # type: ignore[misc]
+    closed: list[bool] = []
+
+    class Writer:
+        def close(self) -> None:
+            closed.append(True)
+
+    asyncio.run(responder._tcp_client(None, Writer()))  # type: ignore[arg-type]
+    assert closed == [True] and responder.counts["tcp-over-cap"] == 1

@@ -62,6 +62,31 @@ class LlmnrError(Error):
     """The responder could not open its sockets."""
 
 
+#: LLMNR TCP connections served at once; more are closed at once.
+MAX_TCP_CLIENTS = 64
+
+
+def _tcp_listener(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> socket.socket:
+    """A listening TCP socket whose every packet, the SYN-ACK included, leaves with
+    TTL / hop limit 1 (RFC 4795 §2.5): an off-link client cannot even connect."""
+    family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET:
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 1)
+        else:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((str(ip), port))
+        sock.listen(64)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def _pktinfo(ancdata: list[tuple[int, int, bytes]]) -> tuple[int, str] | None:
     """(interface index, destination address) from IP_PKTINFO / IPV6_PKTINFO."""
     for level, kind, data in ancdata:
@@ -203,7 +228,7 @@ class LlmnrResponder:
                 if key in self.tcp_servers:
                     continue
                 try:
-                    server = await asyncio.start_server(self._tcp_client, key, self.port, reuse_address=True)
+                    server = await asyncio.start_server(self._tcp_client, sock=_tcp_listener(ip, self.port))
                 except OSError as exc:
                     if exc.errno == errno.EADDRINUSE:
                         self.tcp_error = RESOLVED_HINT
@@ -237,17 +262,16 @@ class LlmnrResponder:
                     sock.sendto(reply, source)
 
     async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._tcp_tasks) >= MAX_TCP_CLIENTS:
+            # Bounded resources: each idle connection is held up to 10 s.
+            self.counts["tcp-over-cap"] += 1
+            writer.close()
+            return
         task = asyncio.current_task()
         if task is not None:
             self._tcp_tasks.add(task)
-        sock = writer.get_extra_info("socket")
         try:
-            if sock is not None:
-                # RFC 4795 §2.5: TCP replies with TTL 1 so they never leave the link.
-                if sock.family == socket.AF_INET:
-                    sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 1)
-                else:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 1)
+            # TTL 1 (RFC 4795 §2.5) comes with the socket, from its listener (_tcp_listener).
             peer = writer.get_extra_info("peername")
             local = writer.get_extra_info("sockname")
             interface = self._interface_of(str(local[0]))
