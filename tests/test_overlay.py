@@ -12,8 +12,8 @@ from helpers import config_from, make_query
 
 from horizon_dns.core.message import Outcome, Query, Reply
 from horizon_dns.core.wire import NOERROR, NXDOMAIN
-from horizon_dns.net.overlay import IPAddress, PeerLookup, addresses_in, parse_peers
-from horizon_dns.stages.overlay import OverlayStage, usable
+from horizon_dns.net.overlay import IPAddress, PeerLookup, addresses_in, ask_interfaces, parse_peers
+from horizon_dns.stages.overlay import UNASKED_TTL, OverlayStage, usable
 
 
 class Clock:
@@ -247,3 +247,29 @@ def test_addresses_in_takes_the_asked_owner_and_version_only() -> None:
     assert [str(a) for a in addresses_in(wire, 6, "nodeb.local.")] == ["fd7a:115c:a1e0::2"]
     assert [str(a) for a in addresses_in(wire, 4, "printer.local")] == ["100.64.0.22"]
     assert addresses_in(b"garbage", 4, "nodeb.local") == []
+
+
+class Unasked:
+    """A method that could not ask anyone (its interface is down, it has no peers)."""
+
+    async def __call__(self, host: str, version: int, timeout: float) -> None:
+        return None
+
+
+def test_a_miss_nobody_could_be_asked_about_is_kept_a_second_only() -> None:
+    """Reported: with the overlay link down, misses were cached for negative_ttl, so the
+    overlay answers came back that much later than the link."""
+    clock = Clock()
+    st = stage({"mdns": Unasked(), "llmnr": Unasked()}, clock=clock, negative_ttl=30)  # type: ignore[dict-item]
+    assert resolve(st, "nodeb.mydomain.tld.").rcode == NXDOMAIN
+    assert st.known[("nodeb", 4)].expires == clock.now + UNASKED_TTL
+    # One method that did ask makes it a real finding, kept negative_ttl.
+    st = stage({"mdns": Unasked(), "llmnr": Scripted({})}, clock=clock, negative_ttl=30)  # type: ignore[dict-item]
+    resolve(st, "nodeb.mydomain.tld.")
+    assert st.known[("nodeb", 4)].expires == clock.now + 30
+
+
+def test_no_interface_to_ask_is_nobody_asked() -> None:
+    from horizon_dns.net.oneshot import MDNS
+
+    assert asyncio.run(ask_interfaces(MDNS, "nodeb.local", 4, [], 0.1)) is None

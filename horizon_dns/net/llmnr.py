@@ -312,7 +312,7 @@ class LlmnrResponder:
         conflicts: set[str] = set()
         for name in sorted(self.names.own()):
             for interface in self.interfaces.values():
-                replies = await ask_group(LLMNR, name, 1, interface, wait)
+                replies = await ask_group(LLMNR, name, 1, interface, wait) or []
                 others = [
                     src for src, _data in replies if ipaddress.ip_address(src.split("%")[0]) not in ours
                 ]

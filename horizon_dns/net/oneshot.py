@@ -4,8 +4,8 @@ Contract: ``await ask_group(group, name, qtype, interface, window, family, first
 sends one query for ``name``/``qtype`` to ``group`` out of ``interface`` from a fresh
 socket on an ephemeral port, and returns ``(source address, reply)`` for each reply
 that carries the query's ID and the QR bit (and that ``accept`` takes, if given) --
-collected for ``window`` seconds, or until the first one when ``first``. Network
-trouble is an empty list, never an error.
+collected for ``window`` seconds, or until the first one when ``first``; None when
+the query could not be sent. Network trouble is never an error.
 
 Why a fresh socket on an ephemeral port, for mDNS too (RFC 6762 §5.1 "one-shot
 queries", answered per §6.7 by unicast to the querier's port): a querier on port
@@ -56,8 +56,10 @@ async def ask_group(
     family: int = socket.AF_INET,
     first: bool = False,
     accept: Callable[[bytes], bool] | None = None,
-) -> list[tuple[str, bytes]]:
-    """Ask ``group`` on ``interface``; return (source, reply) of the answers (see module)."""
+) -> list[tuple[str, bytes]] | None:
+    """Ask ``group`` on ``interface``; return (source, reply) of the answers (see module),
+    or None when the query could not be sent at all (no address of ``family`` on the
+    interface, the network unreachable): nobody was asked, so silence means nothing."""
     loop = asyncio.get_running_loop()
     sock = socket.socket(family, socket.SOCK_DGRAM)
     replies: list[tuple[str, bytes]] = []
@@ -66,12 +68,13 @@ async def ask_group(
     # mDNS one-shot query alike (RFC 6762 §18).
     message = build_query(msg_id, name, qtype)
     got_one = asyncio.Event()
+    sent = False
     try:
         sock.setblocking(False)
         if family == socket.AF_INET:
             v4 = [a.ip for a in interface.addresses if a.version == 4]
             if not v4:
-                return []
+                return None
             sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(str(v4[0])))
             sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, group.hops)
             sock.bind((str(v4[0]), 0))
@@ -100,6 +103,7 @@ async def ask_group(
         loop.add_reader(sock.fileno(), readable)
         try:
             sock.sendto(message, destination)
+            sent = True
             if first:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(got_one.wait(), window)
@@ -109,6 +113,8 @@ async def ask_group(
             loop.remove_reader(sock.fileno())
     except OSError as exc:
         log.debug("%s query on %s failed: %s", group.name, interface.name, exc)
+        if not sent:
+            return None
     finally:
         sock.close()
     return replies

@@ -2,7 +2,8 @@
 
 Contract: each lookup is ``await method(host, version, timeout) -> list[IPAddress]``
 for one host label (``nodeb``) and one IP version (4 or 6); an empty list means
-"not found by this method within timeout". Lookups never raise for network
+"not found by this method within timeout", None "nobody could be asked" (no
+interface up, the network unreachable, no peers). Lookups never raise for network
 trouble. They send only on the configured interfaces and to the configured peers.
 
 * :class:`MdnsLookup` asks ``host.local`` on 224.0.0.251 / ff02::fb with one-shot
@@ -40,7 +41,7 @@ from horizon_dns.net.oneshot import LLMNR, MDNS, Group, ask_group
 log = logging.getLogger("horizon_dns.net.overlay")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-Lookup = Callable[[str, int, float], Awaitable[list[IPAddress]]]
+Lookup = Callable[[str, int, float], Awaitable[list[IPAddress] | None]]
 
 
 async def first_found(asks: Sequence[Awaitable[list[IPAddress]]]) -> list[IPAddress]:
@@ -85,17 +86,20 @@ async def ask_interfaces(
     interfaces: list[Interface],
     timeout: float,
     accept: Callable[[bytes], bool] | None = None,
-) -> list[IPAddress]:
+) -> list[IPAddress] | None:
     """Ask ``group`` for ``name`` on every interface over IPv4 and IPv6; the first
-    answer ``accept`` takes (any, when None) wins."""
+    answer ``accept`` takes (any, when None) wins. None when no query could be sent."""
     qtype = QTYPE.A if version == 4 else QTYPE.AAAA
+    sent: list[bool] = []
 
     async def ask(interface: Interface, family: int) -> list[IPAddress]:
         replies = await ask_group(group, name, qtype, interface, timeout, family, first=True, accept=accept)
-        return [address for _source, reply in replies for address in addresses_in(reply, version, name)]
+        sent.append(replies is not None)
+        return [address for _source, reply in replies or [] for address in addresses_in(reply, version, name)]
 
     families = (socket.AF_INET, socket.AF_INET6)
-    return await first_found([ask(i, f) for i in interfaces for f in families])
+    found = await first_found([ask(i, f) for i in interfaces for f in families])
+    return found if found or any(sent) else None
 
 
 class MdnsLookup:
@@ -111,7 +115,7 @@ class MdnsLookup:
     def __init__(self, interfaces: Callable[[], list[Interface]]) -> None:
         self.interfaces = interfaces
 
-    async def __call__(self, host: str, version: int, timeout: float) -> list[IPAddress]:
+    async def __call__(self, host: str, version: int, timeout: float) -> list[IPAddress] | None:
         return await ask_interfaces(MDNS, f"{host}.local", version, self.interfaces(), timeout)
 
 
@@ -123,7 +127,7 @@ class LlmnrLookup:
     def __init__(self, interfaces: Callable[[], list[Interface]]) -> None:
         self.interfaces = interfaces
 
-    async def __call__(self, host: str, version: int, timeout: float) -> list[IPAddress]:
+    async def __call__(self, host: str, version: int, timeout: float) -> list[IPAddress] | None:
         return await ask_interfaces(LLMNR, host, version, self.interfaces(), timeout, usable_response)
 
 
@@ -239,10 +243,10 @@ class PeerLookup:
             raise RuntimeError(f"exit status {proc.returncode}")
         return stdout.decode("utf-8", "replace")
 
-    async def __call__(self, host: str, version: int, timeout: float) -> list[IPAddress]:
+    async def __call__(self, host: str, version: int, timeout: float) -> list[IPAddress] | None:
         peers = self.peers
         if not peers:
-            return []
+            return None
         qtype = QTYPE.A if version == 4 else QTYPE.AAAA
         return await first_found([self._ask(peer, host, qtype, version, timeout) for peer in peers])
 

@@ -63,6 +63,9 @@ from horizon_dns.stages.context import BuildContext
 log = logging.getLogger("horizon_dns.stages.overlay")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+#: Seconds a miss is kept when no method could ask anyone.
+UNASKED_TTL = 1
+
 _LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
 
 
@@ -236,7 +239,10 @@ class OverlayStage:
         started = self.clock()
 
         async def via(method: str, lookup: Lookup) -> list[IPAddress]:
-            found = usable(await lookup(host, version, self.timeout), self.prefer)
+            result = await lookup(host, version, self.timeout)
+            if result is None:
+                unasked.append(method)
+            found = usable(result or [], self.prefer)
             self.lookups[(method, "found" if found else "missed")] = (
                 self.lookups.get((method, "found" if found else "missed"), 0) + 1
             )
@@ -245,6 +251,7 @@ class OverlayStage:
             return found
 
         winner: list[str] = []
+        unasked: list[str] = []
         try:
             found = await asyncio.wait_for(
                 first_found([via(m, lookup) for m, lookup in self.methods.items()]), self.timeout + 0.05
@@ -257,6 +264,11 @@ class OverlayStage:
         query.note(f"  IPv{version} of {host}: {outcome} in {elapsed:.1f} ms")
         log.debug("%s: IPv%d of %s: %s in %.1f ms", self.name, version, host, outcome, elapsed)
         lifetime = self.ttl if found else self.negative_ttl
+        if not found and len(unasked) == len(self.methods):
+            # Nobody could be asked (the overlay link is down, no peers): not a finding
+            # about the host. Kept a second only, so the link's return is seen at once.
+            lifetime = min(lifetime, UNASKED_TTL)
+            query.note(f"  nobody could be asked for {host} (no interface up, no peers): kept {lifetime} s")
         known = _Known(found, method, self.clock() + lifetime)
         self.known[(host, version)] = known
         return known
