@@ -255,3 +255,17 @@ def test_llmnr_tcp_connections_are_capped() -> None:
 
     asyncio.run(responder._tcp_client(None, Writer()))  # type: ignore[arg-type]
     assert closed == [True] and responder.counts["tcp-over-cap"] == 1
+
+
+def test_a_udp_reply_over_512_octets_is_truncated_with_tc() -> None:
+    """RFC 4795 §2.1 (512 octets when in doubt) and §2.1.1 (TC: ask again over TCP)."""
+    many = tuple(ipaddress.ip_address(f"100.64.1.{i}") for i in range(1, 61))
+    names = Names("nodea", devices={"bigbox": many})
+    reply, reason = ask("bigbox", names=names)
+    assert reply is not None and reason == "truncated" and len(reply) <= 512
+    message = dns.message.from_wire(reply)
+    assert message.flags & 0x0200 and 0 < len(message.answer[0]) < 60
+    tcp = Arrival("tcp", ("100.64.0.3", 40000), "100.64.0.1", 2)
+    full, reason = ask("bigbox", arrival=tcp, names=names)
+    assert full is not None and reason == "answered"
+    assert not dns.message.from_wire(full).flags & 0x0200 and len(dns.message.from_wire(full).answer[0]) == 60

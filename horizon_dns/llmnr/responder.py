@@ -40,6 +40,7 @@ LLMNR_GROUP_V6 = "ff02::1:3"
 
 # RFC 4795 §2.1.1 header flags.
 QR, C_BIT, TC_BIT, T_BIT = 0x8000, 0x0400, 0x0200, 0x0100
+UDP_LIMIT = 512  # RFC 4795 §2.1: the size to keep UDP replies to "when in doubt"
 OPCODE_MASK = 0x7800
 CLASS_IN, CLASS_ANY = 1, 255
 _QTAIL = struct.Struct("!HH")
@@ -165,7 +166,15 @@ def decide(
             records.append(RR(owner, QTYPE.PTR, ttl=names.ttl, rdata=PTR(_fqdn(host))))
     out_flags = QR | (T_BIT if name.rstrip(".") in names.conflicts else 0)
     question = data[HEADER.size : offset + 4]
-    return _pack(msg_id, out_flags, question, records), "answered"
+    reply = _pack(msg_id, out_flags, question, records)
+    if arrival.transport == "udp" and len(reply) > UDP_LIMIT:
+        # RFC 4795 §2.1: UDP replies no larger than is safe, 512 octets when in doubt;
+        # the records that fit, TC set (§2.1.1) so the sender asks again over TCP.
+        while records and len(reply) > UDP_LIMIT:
+            records.pop()
+            reply = _pack(msg_id, out_flags | TC_BIT, question, records)
+        return reply, "truncated"
+    return reply, "answered"
 
 
 def _pack(msg_id: int, flags: int, question: bytes, records: Iterable[RR]) -> bytes:
