@@ -28,7 +28,6 @@ import logging
 import secrets
 import shlex
 import socket
-import struct
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from dnslib import QTYPE, DNSRecord
 from horizon_dns.llmnr.responder import Interface, build_query, usable_response
 from horizon_dns.net.llmnr import query_tcp
 from horizon_dns.net.oneshot import LLMNR, MDNS, Group, ask_group
+from horizon_dns.net.upstream import Upstream, exchange_udp
 
 log = logging.getLogger("horizon_dns.net.overlay")
 
@@ -267,31 +267,11 @@ class PeerLookup:
             return await first_found(asks)
 
 
-class _OneReply(asyncio.DatagramProtocol):
-    def __init__(self, msg_id: int) -> None:
-        self.msg_id = msg_id
-        self.reply: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-
-    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        if len(data) >= 2 and struct.unpack_from("!H", data)[0] == self.msg_id and not self.reply.done():
-            self.reply.set_result(data)
-
-
 async def query_mdns_unicast(peer: str, name: str, qtype: int, timeout: float) -> bytes | None:
-    """A legacy unicast mDNS query (RFC 6762 §6.7): from a port other than 5353, to peer:5353."""
-    msg_id = secrets.randbits(16)
-    message = build_query(msg_id, name, qtype)  # flags all zero: RFC 6762 §18
-    loop = asyncio.get_running_loop()
+    """A legacy unicast mDNS query (RFC 6762 §6.7): from a port other than 5353, to
+    peer:5353, whose reply repeats our ID and question; None on no answer."""
+    message = build_query(secrets.randbits(16), name, qtype)  # flags all zero: RFC 6762 §18
     try:
-        transport, protocol = await loop.create_datagram_endpoint(
-            lambda: _OneReply(msg_id), remote_addr=(peer, MDNS.port)
-        )
-    except OSError:
+        return await exchange_udp(Upstream(peer, MDNS.port), message, len(message), timeout)
+    except (OSError, TimeoutError):
         return None
-    try:
-        transport.sendto(message)
-        return await asyncio.wait_for(protocol.reply, timeout)
-    except (TimeoutError, OSError):
-        return None
-    finally:
-        transport.close()
