@@ -4,7 +4,8 @@ Contract: :func:`compile_pattern` compiles a rule's regex (``re`` syntax; raises
 :class:`PatternError` with the reason); :func:`search` runs it over a query name and
 returns the match or None, raising :class:`PatternTimeout` once matching has taken
 :data:`MATCH_TIMEOUT` seconds; :func:`runaway_on` tries a regex on names that make
-backtracking regexes explode, so ``check`` can reject one before a query finds it.
+backtracking regexes explode and says what it found, so ``check`` can reject one
+before a query finds it.
 
 Why a bound: Python's ``re`` backtracks, and a rule such as ``^(a|aa)+$`` needs
 minutes for a 40-letter query name -- every query of the server waits that long,
@@ -135,12 +136,13 @@ RUNAWAY_HINT = "avoid a repeated group whose body can match the same text in sev
 
 
 def runaway_on(pattern: Pattern) -> str | None:
-    """A probe name on which ``pattern`` exceeds the time bound, or None if it has none."""
+    """What ``check`` says of a regex that exceeds the time bound on a probe name
+    ("backtracks catastrophically: ..."), or None if it has none."""
     if isinstance(pattern, re.Pattern):
         return None  # bounded by its shape
     for probe in _PROBES:
         try:
             search(pattern, probe)
         except PatternTimeout:
-            return probe
+            return f"backtracks catastrophically: over {MATCH_TIMEOUT * 1000:.0f} ms on the name {probe!r}"
     return None
