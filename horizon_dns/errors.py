@@ -35,3 +35,12 @@ class ConfigError(Error):
         issues = [issue for issue in issues if issue.severity == "error"] or issues
         self.issues = issues
         super().__init__("\n".join(str(issue) for issue in issues))
+
+
+class LocalLimit(Error):
+    """A limit of this node refused the work (lookup cap, multicast rate, in-flight cap).
+
+    Final by design: the answer becomes SERVFAIL with an Extended DNS Error and never
+    triggers a zone's ``fallback``, so an inside name cannot get the public answer
+    because this node was busy.
+    """

@@ -428,3 +428,42 @@ def test_remembered_serves_only_a_valid_reply_and_nothing_while_the_query_log_ru
     assert handler.remembered(wire, clock.now + 1.0) is None  # past its second: fast_answer renews
     handler.fast_enabled = False  # the query log must see every query
     assert handler.remembered(wire, clock.now) is None
+
+
+def test_ttls_never_rise_behind_a_clamping_cache_in_a_cname_chain(tmp_path: Path) -> None:
+    """One representation, one TTL rule: a cache in the middle of a zone clamps the
+    CNAME it passes on, and the client sees the clamped TTL the first time already --
+    never 60 first and 299 a second later."""
+    config = config_from(
+        tmp_path,
+        """
+        zones:
+          t.test:
+            stages:
+              - template: {name: mx, type: MX, answer: ['{{ name }} 60 IN MX 10 mx.t.test.']}
+              - cache: {min_ttl: 300}
+              - template:
+                  name: alias
+                  type: [A]
+                  match: ['^a\\.t\\.test\\.$']
+                  answer: ['{{ name }} 60 IN CNAME b.t.test.']
+              - template: {name: addr, type: [A], answer: ['{{ name }} 300 IN A 192.0.2.9']}
+        """,
+    )
+    pipeline = config.pipeline()
+    clock = Clock()
+    for stage in pipeline.stages:
+        if isinstance(stage, CacheStage):
+            stage.clock = clock
+            stage.epoch = clock() - 1.0
+
+    def ask() -> list[int]:
+        query = make_query("a.t.test.")
+        reply, _zone = asyncio.run(pipeline.resolve(query))
+        return ttls(query, reply)
+
+    first = ask()
+    clock.now += 1
+    second = ask()
+    assert first == [300, 300]
+    assert second == [299, 299]

@@ -15,6 +15,7 @@ from helpers import config_from, make_query
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from horizon_dns.core.encode import as_records
 from horizon_dns.core.handler import QueryHandler
 from horizon_dns.core.message import Outcome, Query, Reply
 from horizon_dns.core.pattern import bounded_by_shape, compile_pattern
@@ -174,7 +175,8 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
 
 
 def resolve(pipeline: Pipeline, query: Query) -> Reply:
-    return asyncio.run(pipeline.resolve(query))[0]
+    """The pipeline's reply in record form, whichever form the stage chose."""
+    return as_records(query, asyncio.run(pipeline.resolve(query))[0])
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.name}{c.qtype}")
@@ -244,7 +246,8 @@ def test_bad_record_is_logged_and_counted(pipeline: Pipeline, caplog: pytest.Log
 
 def test_question_case_is_matched_lowercase(pipeline: Pipeline) -> None:
     reply = resolve(pipeline, make_query("IP-10-1-2-3.ExAmPlE."))
-    assert _text(reply.answer) == ["ip-10-1-2-3.example. 60 IN A 10.1.2.3"]
+    # Matched lowercase; the owner points to the question, so it reads in the client's case.
+    assert _text(reply.answer) == ["IP-10-1-2-3.ExAmPlE. 60 IN A 10.1.2.3"]
 
 
 # Properties -------------------------------------------------------------------

@@ -1,11 +1,12 @@
 """The two objects every stage speaks: :class:`Query` in, :class:`Reply` out.
 
 A Query is what the wire edge decoded (see :mod:`horizon_dns.core.wire`) plus where
-it came from. A Reply is what a stage decided: an rcode, record sections as
-dnslib ``RR`` objects (or a ready message in ``wire``), and three fields every
-observer reads -- ``stage`` (who answered), ``outcome`` (what kind of answer) and
-``reason`` (a short, low-cardinality why, e.g. ``template:hub-alias``).
-Neither object touches a socket.
+it came from. A Reply is what a stage decided: an rcode, its records in exactly one
+form -- dnslib ``RR`` lists (``answer``/``authority``/``additional``) *or* the packed
+bytes of those sections (``packed``), never both, so no rule can rewrite one and
+miss the other -- and three fields every observer reads: ``stage`` (who answered),
+``outcome`` (what kind of answer) and ``reason`` (a short, low-cardinality why,
+e.g. ``template:hub-alias``). Neither object touches a socket.
 """
 
 from __future__ import annotations
@@ -140,7 +141,11 @@ class Query:
 
 @dataclass(slots=True)
 class Reply:
-    """A stage's decision. ``answer``/``authority``/``additional`` hold dnslib RRs."""
+    """A stage's decision: records as dnslib RRs, or as ``packed`` bytes -- one of the two.
+
+    Change a reply's TTLs only through :func:`horizon_dns.core.ttl.ttl_rule`, which
+    returns the bytes form.
+    """
 
     rcode: int
     stage: str
@@ -152,8 +157,20 @@ class Reply:
     authoritative: bool = False
     # RFC 8914 Extended DNS Error: (info-code, extra text).
     ede: tuple[int, str] | None = None
-    # The whole reply as bytes: forwarded or cached (the record lists stay empty), or
-    # a template's records packed once (the lists hold the same records, for chasing).
+    # The reply's record sections as bytes (forwarded, cached, a template's records
+    # packed once); the record lists are then empty.
     packed: Packed | None = None
     # False when the answer depends on who asked (e.g. a template using `client`).
     cacheable: bool = True
+    # Set when the name belongs to the overlay: the longest time, in seconds, that any
+    # layer may keep or hand out this reply (its TTLs are capped to it), so the horizon
+    # switches within the zone's bound. Such replies are never served stale.
+    overlay_ttl: int | None = None
+    # A decision no zone fallback may override: a local limit (lookup cap, multicast
+    # rate, upstream in-flight cap) -- an inside name must never get the public answer
+    # because this node was busy (DECISIONS.md 1).
+    final: bool = False
+
+    def has_records(self) -> bool:
+        """Whether the reply is in record form with at least one record."""
+        return bool(self.answer or self.authority or self.additional)

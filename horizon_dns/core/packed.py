@@ -26,7 +26,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, replace
 
-from dnslib import RR, DNSBuffer, DNSRecord
+from dnslib import RR, DNSBuffer, DNSLabel
 
 from horizon_dns.core.bounded import remember
 from horizon_dns.core.wire import (
@@ -369,8 +369,46 @@ def serve(
     return HEADER.pack(msg_id, flags | TC, 1, 0, 0, 1 if opt else 0) + question + opt
 
 
+class _AnyOctetBuffer(DNSBuffer):  # type: ignore[misc]
+    """A dnslib buffer that reads labels of any octets: dnslib refuses labels that are
+    not UTF-8, but a DNS label is any 1-63 octets (RFC 2181 §11), and the question
+    our records point to is the client's, whatever its bytes."""
+
+    def decode_name(self, last: int = -1) -> DNSLabel:
+        labels: list[bytes] = []
+        offset: int = self.offset  # type: ignore[has-type]  # dnslib is untyped
+        jumped, hops = False, 0
+        data = bytes(self.data)
+        while True:
+            length = data[offset]
+            if length >= 0xC0:  # RFC 1035 §4.1.4 pointer: only backwards, bounded
+                pointer = ((length & 0x3F) << 8) | data[offset + 1]
+                if not jumped:
+                    self.offset = offset + 2
+                jumped, hops = True, hops + 1
+                if pointer >= offset or hops > 127:
+                    raise ValueError("bad compression pointer")
+                offset = pointer
+                continue
+            if length > 63:
+                raise ValueError("bad label length")
+            offset += 1
+            if length == 0:
+                break
+            labels.append(data[offset : offset + length])
+            offset += length
+        if not jumped:
+            self.offset = offset
+        return DNSLabel(labels)
+
+
 def unpack_records(question: bytes, packed: Packed) -> tuple[list[RR], list[RR], list[RR]]:
     """Decode a packed reply's sections into dnslib records (slow; for CNAME chasing)."""
     header = HEADER.pack(0, QR, 1, packed.ancount, packed.nscount, packed.arcount)
-    record = DNSRecord.parse(header + question + packed.body)
-    return list(record.rr), list(record.auth), list(record.ar)
+    buffer = _AnyOctetBuffer(header + question + packed.body)
+    buffer.offset = HEADER.size + len(question)
+    sections: tuple[list[RR], list[RR], list[RR]] = ([], [], [])
+    for section, count in zip(sections, (packed.ancount, packed.nscount, packed.arcount), strict=True):
+        for _ in range(count):
+            section.append(RR.parse(buffer))
+    return sections

@@ -26,12 +26,14 @@ from typing import Any
 
 from dnslib import QTYPE, RR
 
+from horizon_dns.core.encode import as_records
 from horizon_dns.core.loop import LoopGuard
 from horizon_dns.core.message import Outcome, Query, Reply
 from horizon_dns.core.names import name_to_text, text_to_name
-from horizon_dns.core.packed import TYPE_SOA, unpack_records
+from horizon_dns.core.packed import TYPE_SOA
 from horizon_dns.core.stage import FastCache, Next, Stage
 from horizon_dns.core.stats import Histogram
+from horizon_dns.core.ttl import ttl_rule
 from horizon_dns.core.wire import CLASS_IN, NOERROR, NXDOMAIN, REFUSED, SERVFAIL
 
 MAX_CNAME_DEPTH = 8
@@ -92,9 +94,17 @@ class Zone:
         if reply.rcode not in self.fallback_rcodes or self.is_final(reply):
             return reply
         rcode = RCODE_NAMES.get(reply.rcode, str(reply.rcode))
+        if reply.final:
+            # DECISIONS.md 1: our own limit said no; the public answer would pick the
+            # wrong horizon for an inside name.
+            query.note(f"{reply.stage} said {rcode} for a local limit: final, no fallback")
+            return reply
         query.note(f"fallback: {reply.stage} said {rcode} -> zone {fallback.name}")
         answer = await fallback.chain(original)
-        return replace(answer, reason=f"fallback:{reply.stage} {rcode}")
+        # The overlay owns the name (it said "not found"): the public answer lasts only
+        # as long as that finding, so the overlay is asked again within its bound.
+        overlay_ttl = _tighter(answer.overlay_ttl, reply.overlay_ttl)
+        return replace(answer, reason=f"fallback:{reply.stage} {rcode}", overlay_ttl=overlay_ttl)
 
     def negative_authority(self) -> list[RR]:
         """The SOA to put in a NODATA/NXDOMAIN authority section (RFC 2308 §3)."""
@@ -268,19 +278,20 @@ class Pipeline:
             return reply
         if chase and reply.rcode == NOERROR and query.qtype not in _NO_CHASE:
             reply = await self._chase(query, reply)
+        if reply.overlay_ttl is not None:
+            # The overlay's bound holds in every layer after this one (caches, clients).
+            reply = ttl_rule(query, reply)
         if zone.leading_cache is not None:
             zone.leading_cache.store_final(query, reply)
         return reply
 
     async def _chase(self, query: Query, reply: Reply) -> Reply:
         qtype = query.qtype
-        answer, authority, additional = reply.answer, reply.authority, reply.additional
-        if reply.packed is not None:
-            if not reply.packed.answers_with_cname():
-                return reply  # nothing to chase: no need to decode the bytes
-            if not answer:
-                # Forwarded or cached: the records are bytes; decode them to follow the chain.
-                answer, authority, additional = unpack_records(query.question, reply.packed)
+        if reply.packed is not None and not reply.packed.answers_with_cname():
+            return reply  # nothing to chase: no need to decode the bytes
+        # The records, decoded from bytes when the reply holds bytes, to follow the chain.
+        records = as_records(query, reply)
+        answer, authority, additional = records.answer, records.authority, records.additional
         if not answer or not any(rr.rtype == TYPE_CNAME for rr in answer):
             return reply
         original_count = len(answer)
@@ -291,6 +302,7 @@ class Pipeline:
         seen = {current}
         rcode = reply.rcode
         cacheable = reply.cacheable
+        overlay_ttl = reply.overlay_ttl
         while True:
             target_wire = _cname_target(answer, current)
             if target_wire is None or _has_rrset(answer, target_wire, qtype):
@@ -316,19 +328,17 @@ class Pipeline:
             query.note(f"chase CNAME -> {target}")
             sub = query.derive(target_wire)
             sub_reply = await self._resolve_in(zone, sub, chase=False)
-            sub_answer, sub_authority = sub_reply.answer, sub_reply.authority
-            if sub_reply.packed is not None:
-                # Forwarded or cached: the records are bytes; decode them to merge the chain.
-                sub_answer, sub_authority, _additional = unpack_records(sub.question, sub_reply.packed)
-            answer.extend(sub_answer)
-            rcode, authority = sub_reply.rcode, sub_authority
+            sub_records = as_records(sub, sub_reply)
+            answer.extend(sub_records.answer)
+            rcode, authority = sub_reply.rcode, sub_records.authority
             cacheable = cacheable and sub_reply.cacheable
+            overlay_ttl = _tighter(overlay_ttl, sub_reply.overlay_ttl)
             if rcode != NOERROR:
                 break
             if sub_reply.packed is not None and sub_reply.packed.final:
                 break  # a recursive upstream followed the rest of the chain already
             current = target_wire
-        if len(answer) == original_count and rcode == reply.rcode:
+        if len(answer) == original_count and rcode == reply.rcode and overlay_ttl == reply.overlay_ttl:
             return reply
         outcome = Outcome.ANSWER if rcode == NOERROR else _outcome_for(rcode)
         return Reply(
@@ -339,9 +349,17 @@ class Pipeline:
             answer=answer,
             authority=authority,
             additional=additional,
-            authoritative=reply.authoritative,
+            authoritative=records.authoritative,
             cacheable=cacheable,
+            overlay_ttl=overlay_ttl,
         )
+
+
+def _tighter(a: int | None, b: int | None) -> int | None:
+    """The shorter of two overlay bounds; None when neither part is the overlay's."""
+    if a is None:
+        return b
+    return a if b is None else min(a, b)
 
 
 def _next_label(name: str) -> int:

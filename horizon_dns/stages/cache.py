@@ -35,16 +35,16 @@ from __future__ import annotations
 import asyncio
 import itertools
 import struct
-import time
 from collections.abc import Callable
 from dataclasses import replace
 
 from horizon_dns.config.source import Section, as_bool, int_range
+from horizon_dns.core import clock as clocks
 from horizon_dns.core.bounded import remember
-from horizon_dns.core.encode import pack_reply
 from horizon_dns.core.message import Outcome, Query, Reply
-from horizon_dns.core.packed import Packed, bounded_ttls, lower_ttls, with_ttls
+from horizon_dns.core.packed import Packed, lower_ttls, with_ttls
 from horizon_dns.core.stage import Next
+from horizon_dns.core.ttl import ttl_rule
 from horizon_dns.core.wire import CD, NOERROR, NXDOMAIN, SERVFAIL
 from horizon_dns.stages.context import BuildContext
 
@@ -65,8 +65,14 @@ _EARLY = 9
 _SHAPES_MAX = 4096
 
 
+#: A cached reply's form shared by many entries: its Packed without body, its outcome,
+#: and, when the overlay owns its name, the overlay's bound (``Reply.overlay_ttl``).
+Shape = tuple[Packed, Outcome, int | None]
+
+
 class Entry:
-    """One cached reply in ~130 bytes: a shared shape (the reply's form and outcome),
+    """One cached reply in ~130 bytes: a shared shape (the reply's form, its outcome
+    and whether the overlay owns its name),
     one bytes object holding when it was stored, when it expires (ticks of the
     cache's clock) and the record bytes, and whether it was used since the
     eviction sweep last passed it.
@@ -77,7 +83,7 @@ class Entry:
 
     __slots__ = ("blob", "shape", "used")
 
-    def __init__(self, shape: tuple[Packed, Outcome], blob: bytes) -> None:
+    def __init__(self, shape: Shape, blob: bytes) -> None:
         self.shape = shape  # shared by entries of the same form; its Packed has no body
         self.blob = blob
         self.used = False
@@ -85,6 +91,11 @@ class Entry:
     @property
     def outcome(self) -> Outcome:
         return self.shape[1]
+
+    @property
+    def overlay(self) -> bool:
+        """The overlay owns the name: never served stale, dropped when the horizon moves."""
+        return self.shape[2] is not None
 
 
 def cache_key(qname_wire: bytes, qtype: int, qclass: int, do: bool, cd: bool) -> bytes:
@@ -111,7 +122,7 @@ class CacheStage:
         max_negative_ttl: int = 3600,
         serve_stale: bool = True,
         max_stale: int = 86400,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = clocks.now,
         servfail_ttl: int = 1,
     ) -> None:
         self.name = name
@@ -134,7 +145,7 @@ class CacheStage:
         # than an OrderedDict.
         self.entries: dict[bytes, Entry] = {}
         self.inflight: dict[bytes, asyncio.Future[Reply]] = {}
-        self._shapes: dict[tuple[Packed, Outcome], tuple[Packed, Outcome]] = {}
+        self._shapes: dict[Shape, Shape] = {}
         self.hits = self.misses = self.evictions = self.stale_served = self.coalesced = 0
         # First in its zone: the zone stores final replies (chased, fallen back) via
         # store_final(), so the hot path can serve them whole; the chain stores nothing.
@@ -198,9 +209,10 @@ class CacheStage:
         if fresh is not None:
             packed, body, _expires, _entry, _age = fresh
             query.note(f"  cache hit ({len(self.entries)} entries)")
+            entry = self.entries[key]
             return Reply(
-                packed.rcode, self.name, self.entries[key].outcome, "cache:hit",
-                packed=packed.with_body(body),
+                packed.rcode, self.name, entry.outcome, "cache:hit",
+                packed=packed.with_body(body), overlay_ttl=entry.shape[2],
             )  # fmt: skip
         self.misses += 1
         recheck = self.recheck.get(key)
@@ -231,7 +243,7 @@ class CacheStage:
                     self.store(key, query, reply)  # the failure, for servfail_ttl
             else:
                 # The miss path: the client sees the TTLs later hits will show.
-                reply = self._bounded(reply)
+                reply = self._bounded(query, reply)
                 if not self.leading:
                     self.store(key, query, reply)
         except BaseException as exc:
@@ -247,6 +259,12 @@ class CacheStage:
     def _stale(self, key: bytes, query: Query) -> Reply | None:
         entry = self.entries.get(key)
         if entry is None or not self.serve_stale or entry.outcome is Outcome.FAILED:
+            return None
+        if entry.overlay:
+            # Serve-stale is for public data (RFC 8767 §4 speaks of upstream
+            # authorities): an overlay answer past its bound is exactly what the
+            # horizon switch must not hand out.
+            query.note("  what follows failed; the overlay owns this name: no stale answer")
             return None
         if self.clock() > self.lifetime(entry)[1] + self.max_stale:
             del self.entries[key]
@@ -274,21 +292,21 @@ class CacheStage:
             return min(negative, self.max_negative_ttl)
         return None
 
-    def _clamped(self, packed: Packed) -> Packed:
-        """TTLs as they are to be served from now on: held to [min_ttl, max_ttl], 0 for
-        those with the high bit set (RFC 2181 §8), a negative answer's SOA TTL at the
-        entry's lifetime (RFC 2308 §5) -- so what is served matches the lifetime."""
-        return bounded_ttls(packed, self.min_ttl, self.max_ttl, self.max_negative_ttl)
-
-    def _bounded(self, reply: Reply) -> Reply:
-        """``reply`` as the cache will serve it, for the client whose miss filled the
-        cache; the same reply when nothing changes. Only packed (forwarded, template)
-        replies: the first reply's TTLs equal a hit's, never lower than the next."""
-        packed = reply.packed
-        if packed is None or not reply.cacheable:
+    def _bounded(self, query: Query, reply: Reply) -> Reply:
+        """``reply`` in bytes with its TTLs as the cache serves them from now on (the
+        one TTL rule: [min_ttl, max_ttl], the overlay's bound above all, a negative
+        answer's SOA TTL at the entry's lifetime), so the client whose miss filled the
+        cache sees what later hits show and TTLs never rise from one reply to the next."""
+        if not reply.cacheable:
             return reply
-        bounded = self._clamped(packed)
-        return reply if bounded is packed else replace(reply, packed=bounded)
+        return ttl_rule(query, reply, self.min_ttl, self.max_ttl, self.max_negative_ttl)
+
+    def forget_overlay(self) -> int:
+        """Drop every entry whose name the overlay owns (the horizon moved); how many."""
+        doomed = [key for key, entry in self.entries.items() if entry.overlay]
+        for key in doomed:
+            del self.entries[key]
+        return len(doomed)
 
     def _tick(self, moment: float) -> int:
         return min(int((moment - self.epoch) * _TICKS), 2**32 - 1)
@@ -303,9 +321,10 @@ class CacheStage:
         self.entries, self.epoch, self._shapes = previous.entries, previous.epoch, previous._shapes
         return len(self.entries)
 
-    def _shape(self, packed: Packed, outcome: Outcome) -> tuple[Packed, Outcome]:
-        """``packed`` without its body, and the outcome: one object for all entries alike."""
-        shape = (packed.with_body(b""), outcome)
+    def _shape(self, packed: Packed, outcome: Outcome, overlay: int | None) -> Shape:
+        """``packed`` without its body, the outcome and the overlay mark: one object
+        for all entries alike."""
+        shape = (packed.with_body(b""), outcome, overlay)
         shared = self._shapes.get(shape)
         if shared is None:
             # Forgetting is safe: entries keep their own; only the sharing restarts.
@@ -317,10 +336,11 @@ class CacheStage:
         self.store(query_key(query), query, reply)
 
     def store(self, key: bytes, query: Query, reply: Reply) -> None:
-        """Keep ``reply`` under ``key`` with its TTLs rewritten once (see _clamped)."""
+        """Keep ``reply`` under ``key`` with its TTLs rewritten once (see _bounded)."""
         if not reply.cacheable:
             return
-        packed = self._clamped(pack_reply(query, reply))
+        packed = self._bounded(query, reply).packed
+        assert packed is not None  # ttl_rule returns bytes
         ttl = self.ttl_for(packed)
         if ttl is None or ttl <= 0:
             return
@@ -339,7 +359,8 @@ class CacheStage:
         entries.pop(key, None)  # re-inserted at the end: the most recently stored
         stored = min(max(0, int((now - self.epoch) * _TICKS + 1e-6) - _EARLY), 2**32 - 1)
         times = _TIMES.pack(stored, self._tick(now + ttl))
-        entries[key] = Entry(self._shape(packed, reply.outcome), times + packed.body)
+        shape = self._shape(packed, reply.outcome, reply.overlay_ttl)
+        entries[key] = Entry(shape, times + packed.body)
         if len(entries) > self.max_entries:
             self._evict(key)
 

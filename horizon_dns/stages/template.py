@@ -317,26 +317,20 @@ class TemplateStage:
             outcome = Outcome.NXDOMAIN
         else:
             outcome = Outcome.REFUSED if rcode == 5 else Outcome.OTHER
-        reply = Reply(
-            rcode,
-            self.name,
-            outcome,
-            self.name,
-            answer=answer,
-            additional=additional,
-            authority=authority,
-            authoritative=True,
-            cacheable=not self.uses_client,
-        )
         # The records as wire bytes, remembered per name and rendered records: the
         # same name rendering the same lines packs to the same bytes (RFC 1035
         # §4.1.4 pointers into the question depend only on the name, not its case).
+        # The reply is those bytes alone: one representation, which every later TTL
+        # rule rewrites (a second copy as records could disagree with it).
         key: tuple[bytes | str, ...] = (query.qname_wire.lower(), *texts)
         packed = self._packed_cache.get(key)
         if packed is None:
-            packed = remember(self._packed_cache, key, pack_reply(query, reply), _RR_CACHE_SIZE)
-        reply.packed = packed
-        return reply
+            records = Reply(
+                rcode, self.name, outcome, self.name,
+                answer=answer, additional=additional, authority=authority, authoritative=True,
+            )  # fmt: skip
+            packed = remember(self._packed_cache, key, pack_reply(query, records), _RR_CACHE_SIZE)
+        return Reply(rcode, self.name, outcome, self.name, packed=packed, cacheable=not self.uses_client)
 
     def _render(
         self,
