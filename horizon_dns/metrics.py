@@ -23,7 +23,11 @@ Series (all prefixed ``horizon_dns_``):
 ``cache_stale_total`` ``cache_coalesced_total``  by zone, stage
 ``upstream_queries_total`` ``upstream_failures_total`` ``upstream_rtt_seconds`` ``upstream_up``
                                        by stage, upstream
-``overlay_lookups_total``              stage, method, result (found, missed)
+``overlay_lookups_total``              stage, method, result (found, missed, rate-limited)
+``overlay_replies_total``              zone, stage, result (answer, nodata, not-found, local-limit)
+``overlay_multicast_limited_total``    zone, stage: multicast queries refused by the budget
+``horizon_switches_total``             zone, stage, to (inside, outside): hosts that changed side
+``horizon_moves_total``                cause (link, mdns-goodbye, mdns-announce): overlay views dropped
 ``stage_shed_total``                   stage: upstream queries or lookups refused at their cap
 ``llmnr_queries_total``                reason (answered, not-ours, unicast-udp, ...)
 ``llmnr_conflicts_total``
@@ -70,6 +74,7 @@ class Sources:
     llmnr: Any = None  # net.llmnr.LlmnrResponder
     policy: Any = None  # core.access.EdgePolicy
     reloads: dict[str, int] = field(default_factory=lambda: {"ok": 0, "error": 0})
+    horizon_moves: Callable[[], dict[str, int]] = dict
     config_errors: int = 0
     ready: bool = False
 
@@ -172,6 +177,17 @@ class Collector(CollectorBase):
         shed = CounterMetricFamily(
             p + "stage_shed", "Work refused at a stage's cap (upstream, lookups).", labels=["stage"]
         )
+        overlay_replies = CounterMetricFamily(
+            p + "overlay_replies", "Overlay stage replies by result.", labels=["zone", "stage", "result"]
+        )
+        multicast_limited = CounterMetricFamily(
+            p + "overlay_multicast_limited",
+            "Multicast queries the budget refused.",
+            labels=["zone", "stage"],
+        )
+        switches = CounterMetricFamily(
+            p + "horizon_switches", "Hosts that changed side of the horizon.", labels=["zone", "stage", "to"]
+        )
         for zone in list(handler.pipeline.zones.values()):
             for stage_name, histogram in zone.timings.items():
                 _add_histogram(stage_time, [zone.name, stage_name], histogram)
@@ -196,9 +212,20 @@ class Collector(CollectorBase):
                     for (method, result), n in list(stage.lookups.items()):
                         overlay.add_metric([stage.name, method, result], n)
                     shed.add_metric([stage.name], stage.shed)
+                    for result, n in stage.replies.items():
+                        overlay_replies.add_metric([zone.name, stage.name, result], n)
+                    for to, n in stage.switches.items():
+                        switches.add_metric([zone.name, stage.name, to], n)
+                    limited = stage.budget.limited if stage.budget is not None else 0
+                    multicast_limited.add_metric([zone.name, stage.name], limited)
         yield stage_time
         yield from cache.values()
         yield from (entries, up_queries, up_fail, up_rtt, up_up, overlay, shed)
+        yield from (overlay_replies, multicast_limited, switches)
+        moves = CounterMetricFamily(p + "horizon_moves", "Overlay views dropped, by cause.", labels=["cause"])
+        for cause, n in src.horizon_moves().items():
+            moves.add_metric([cause], n)
+        yield moves
 
         llmnr = CounterMetricFamily(p + "llmnr_queries", "LLMNR messages by decision.", labels=["reason"])
         conflicts = 0

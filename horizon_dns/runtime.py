@@ -31,6 +31,7 @@ from horizon_dns.core.access import EdgePolicy
 from horizon_dns.core.handler import QueryHandler
 from horizon_dns.core.pipeline import Pipeline
 from horizon_dns.errors import ConfigError
+from horizon_dns.horizon import HorizonWatch, overlay_interfaces
 from horizon_dns.llmnr.responder import Names
 from horizon_dns.metrics import MetricsServer, Sources
 from horizon_dns.net.interfaces import list_interfaces
@@ -116,6 +117,8 @@ class Runtime:
             self.handler, config.listen, limits, self.policy_for(config), reuse_port=config.workers > 1
         )
         self.responder = make_llmnr_responder(config) if worker == 0 else None
+        # Every worker holds its own caches, so every worker follows the horizon.
+        self.horizon = HorizonWatch(self.handler, overlay_interfaces(self.handler))
         self.sources = Sources(
             self.handler,
             tcp_connections=lambda: len(self.server.connections.open),
@@ -123,6 +126,7 @@ class Runtime:
             udp_dropped=self.server.udp_replies_dropped,
             llmnr=self.responder,
             policy=self.server.policy,
+            horizon_moves=lambda: dict(self.horizon.moves),
         )
         self.metrics: MetricsServer | None = None
         self.announcer: MdnsAnnouncer | None = None
@@ -199,6 +203,7 @@ class Runtime:
             await self.pipeline.start()
             await self.server.start()
             await self._start_responder(config)
+            await self.horizon.start()
             for issue in config.warnings:
                 log.warning("%s", issue)
             log.info("%s", describe(config).replace("\n", "; "))
@@ -221,6 +226,7 @@ class Runtime:
             for task in list(self.background):
                 task.cancel()
             await asyncio.gather(*self.background, return_exceptions=True)
+            await self.horizon.stop()
             await self._stop_responder()
             await self.server.stop(0)
             await self.handler.pipeline.stop()
@@ -285,6 +291,8 @@ class Runtime:
                 raise
         started_before = set(self.server.inflight.tasks)
         self.handler.pipeline = new_pipeline
+        if not self.horizon.running:
+            await self.horizon.start()  # the new configuration may be the first with an overlay
         self.handler.udp_payload = config.udp_payload
         self.handler.nsid = config.nsid.encode("utf-8")
         self.server.connections.limits = TcpLimits(

@@ -367,7 +367,7 @@ def cached_once(
     """A handler whose reply memo and leading cache run on one test clock, and the
     query (``a.hot.test A`` unless given) it has answered once by the full path."""
     clock = Clock()
-    monkeypatch.setattr(handler_module, "monotonic", clock)
+    monkeypatch.setattr(handler_module, "clock_now", clock)
     handler = QueryHandler(config_from(tmp_path, rules).pipeline())
     cache = leading_cache(handler)
     cache.clock = clock

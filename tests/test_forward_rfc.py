@@ -153,7 +153,7 @@ def leading(
 ) -> tuple[Clock, QueryHandler]:
     """A handler for ZONE whose leading cache and reply memo run on one test clock."""
     clock = Clock()
-    monkeypatch.setattr(handler_module, "monotonic", clock)
+    monkeypatch.setattr(handler_module, "clock_now", clock)
     config = config_from(tmp_path, ZONE.format(cache=cache, upstream=upstream, timeout=timeout))
     handler = QueryHandler(config.pipeline())
     found = handler.pipeline.zone_for_wire(text_to_name("."))

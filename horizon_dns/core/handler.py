@@ -20,11 +20,11 @@ import logging
 import struct
 import time
 from collections.abc import Callable
-from time import monotonic
 
 from dnslib import RR, TXT
 
 from horizon_dns.core.bounded import remember
+from horizon_dns.core.clock import now as clock_now
 from horizon_dns.core.encode import (
     CLASSIC_UDP_LIMIT,
     DEFAULT_UDP_PAYLOAD,
@@ -167,6 +167,11 @@ class QueryHandler:
         self._memo = {}
         self._memo_tcp = {}
 
+    def forget_remembered(self) -> None:
+        """Drop every remembered reply (the horizon moved: their entries are gone)."""
+        self._memo = {}
+        self._memo_tcp = {}
+
     def remembered(self, data: bytes, now: float) -> bytes | None:
         """The UDP reply remembered for ``data`` and still valid at ``now``, or None.
 
@@ -189,7 +194,7 @@ class QueryHandler:
         tail = data[2:]
         remembered = memo.get(tail)
         if remembered is not None:
-            now = monotonic()
+            now = clock_now()
             if remembered[0] > now:
                 self.fast_hits += 1
                 return data[:2] + remembered[1]
@@ -250,7 +255,7 @@ class QueryHandler:
         # Where the records start in the reply bytes after the ID; a truncated reply has none.
         base = HEADER.size - 2 + len(question)
         ttls = packed.ttl_offsets if len(reply) > base + 2 + len(opt) else ()
-        valid = min(monotonic() + _memo_lifetime(tail), expires)
+        valid = min(clock_now() + _memo_lifetime(tail), expires)
         remember(memo, tail, (valid, reply[2:], base, ttls, cache, key, entry, age), MEMO_SIZE)
         return reply
 

@@ -18,11 +18,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from time import monotonic
 from typing import Any, cast
 
 from horizon_dns.core.access import Acl, EdgePolicy
 from horizon_dns.core.bounded import remember
+from horizon_dns.core.clock import now as clock_now
 from horizon_dns.core.handler import QueryHandler
 from horizon_dns.core.wire import REFUSED, SERVFAIL, short_reply
 from horizon_dns.net.eager import start_eagerly
@@ -193,7 +193,7 @@ class BatchedUdpListener(UdpListener):
                 return
             if not count:
                 return
-            now = monotonic()
+            now = clock_now()
             shortcut = self.accepting
             try:
                 for i in range(count):

@@ -252,12 +252,13 @@ class ForwardStage:
             query.note(f"  class {query.class_name} is not forwarded -> next")
             return await next(query)
         if self.outstanding >= self.max_outstanding:
-            # Bounded resources: a flood of misses must not open sockets without end.
+            # Bounded resources: a flood of misses must not open sockets without end. Our
+            # own limit, so final: no zone fallback answers in its place (DECISIONS.md 1).
             self.shed += 1
-            query.note(f"  {self.outstanding} queries already upstream -> SERVFAIL")
+            query.note(f"  {self.outstanding} queries already upstream -> SERVFAIL, final")
             return Reply(
                 SERVFAIL, self.name, Outcome.FAILED, f"{self.name}:overloaded",
-                ede=(EDE_NO_REACHABLE_AUTHORITY, "too many queries upstream"), cacheable=False,
+                ede=(EDE_NO_REACHABLE_AUTHORITY, "too many queries upstream"), cacheable=False, final=True,
             )  # fmt: skip
         self.outstanding += 1
         try:

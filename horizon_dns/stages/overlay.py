@@ -13,10 +13,13 @@ YAML::
         peers_refresh: 60
         prefer: [100.64.0.0/10, "fd7a:115c:a1e0::/48"]   # these addresses first
         timeout: 0.3                    # seconds for a lookup, all methods at once
-        ttl: 30                         # of answers
-        negative_ttl: 30                # a host not found is not asked again for this long
+        ttl: 30                         # of answers (held to the switch bound below)
+        negative_ttl: 30                # a host not found is not asked again for this long (likewise)
+        switch_within: 10               # seconds: the horizon follows a host leaving or returning
         on_miss: nxdomain               # or next: a host nobody knows goes to the next stage
-        max_lookups: 256                # distinct lookups in flight; beyond, "not found" at once
+        max_lookups: 256                # distinct lookups in flight; beyond, SERVFAIL (final)
+        multicast_rate: 50              # multicast queries per second at most (burst: multicast_burst)
+        multicast_burst: 100
 
 Contract: for A and AAAA of a name whose host label it can derive, the stage
 asks every method concurrently for both IP versions and answers with the first
@@ -28,6 +31,21 @@ public DNS instead. Results are cached per host and version (positive ``ttl``,
 negative ``negative_ttl``) and identical lookups in flight are shared. Names it
 cannot derive a host from, other classes and other types pass to the next stage
 (other types on a known host end in NODATA).
+
+The switch bound: every reply for a name this stage owns -- found, not found, and
+whatever the zone's fallback answers in its place -- carries ``overlay_ttl`` =
+``hold`` = ``switch_within`` - ceil(``timeout``) - 1 seconds (8 by default), and what
+the stage remembers lives no longer, counting down (its records carry the time
+left, never a fresh TTL). No layer keeps such a reply longer, no client is told a
+longer TTL, nothing serves it stale; so a host that leaves silently or comes back is
+noticed at the next lookup, at most ``hold`` + ``timeout`` after the change.
+:meth:`OverlayStage.forget` drops the stage's memory at once when the horizon is
+known to have moved (this node's link or address changed, an mDNS goodbye).
+
+A local limit -- ``max_lookups`` lookups in flight, or the multicast budget spent --
+is not a finding about the host: the reply is a final SERVFAIL with an Extended DNS
+Error, which no zone fallback overrides (an inside name must not get the public
+answer because this node was busy).
 """
 
 from __future__ import annotations
@@ -35,15 +53,16 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import math
 import re
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from dnslib import AAAA, QTYPE, RR, A
 
 from horizon_dns.config.source import Section, as_str, int_range, item_node, number_range
+from horizon_dns.core import clock as clocks
 from horizon_dns.core.message import Outcome, Query, Reply
 from horizon_dns.core.pattern import (
     RUNAWAY_HINT,
@@ -55,7 +74,9 @@ from horizon_dns.core.pattern import (
     search,
 )
 from horizon_dns.core.stage import Next
-from horizon_dns.core.wire import NOERROR, NXDOMAIN
+from horizon_dns.core.wire import NOERROR, NXDOMAIN, SERVFAIL
+from horizon_dns.errors import LocalLimit
+from horizon_dns.net.oneshot import MulticastBudget
 from horizon_dns.net.overlay import IPAddress, LlmnrLookup, Lookup, MdnsLookup, PeerLookup, first_found
 from horizon_dns.stages.context import BuildContext
 
@@ -64,6 +85,7 @@ log = logging.getLogger("horizon_dns.stages.overlay")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 #: Seconds a miss is kept when no method could ask anyone.
 UNASKED_TTL = 1
+EDE_OTHER = 0  # RFC 8914 §4.1
 
 _LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
 
@@ -73,6 +95,23 @@ class _Known:
     addresses: list[IPAddress]
     method: str
     expires: float
+
+
+@dataclass(slots=True)
+class Horizon:
+    """Where a host stands as seen from here: inside (the overlay answers for it) or
+    outside, since when (on the stage's clock) and why."""
+
+    inside: bool
+    since: float
+    why: str
+
+
+def switch_hold(switch_within: float, timeout: float) -> int:
+    """How long an overlay-derived answer may be kept so that a change is noticed
+    within ``switch_within``: the bound less one lookup timeout and a second of
+    slack (whole seconds, TTLs are integers); at least 1."""
+    return max(1, int(switch_within) - math.ceil(timeout) - 1)
 
 
 def usable(addresses: Sequence[IPAddress], prefer: Sequence[Network]) -> list[IPAddress]:
@@ -102,10 +141,13 @@ class OverlayStage:
         ttl: int = 30,
         negative_ttl: int = 30,
         soa: RR | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = clocks.now,
         services: Sequence[Any] = (),
         on_miss: str = "nxdomain",
         max_lookups: int = 256,
+        switch_within: float = 10.0,
+        budget: MulticastBudget | None = None,
+        interface_names: Sequence[str] = (),
     ) -> None:
         self.name = name
         self.zone = zone
@@ -113,8 +155,14 @@ class OverlayStage:
         self.host_pattern = host_pattern
         self.prefer = list(prefer)
         self.timeout = timeout
-        self.ttl = ttl
-        self.negative_ttl = negative_ttl
+        self.switch_within = switch_within
+        #: The longest any layer keeps or hands out an answer of this stage.
+        self.hold = switch_hold(switch_within, timeout)
+        self.ttl = min(ttl, self.hold)
+        self.negative_ttl = min(negative_ttl, self.hold)
+        self.budget = budget
+        #: The interfaces configured for multicast; empty: every up multicast one.
+        self.interface_names = tuple(interface_names)
         self.soa = soa
         self.clock = clock
         self.services = list(services)  # objects with start()/stop(): the peer list's refresh
@@ -124,6 +172,12 @@ class OverlayStage:
         self.known: dict[tuple[str, int], _Known] = {}
         self.inflight: dict[tuple[str, int], asyncio.Future[_Known]] = {}
         self.lookups: dict[tuple[str, str], int] = {}  # (method, found|missed) -> count
+        #: Host -> where it stands; changes counted in ``switches`` (to inside, to outside).
+        self.horizon: dict[str, Horizon] = {}
+        self.switches = {"inside": 0, "outside": 0}
+        #: Replies by result: answer, nodata, not-found, local-limit.
+        self.replies = {"answer": 0, "nodata": 0, "not-found": 0, "local-limit": 0}
+        self.forgotten = 0
 
     async def start(self) -> None:
         for service in self.services:
@@ -164,42 +218,85 @@ class OverlayStage:
             if self._known_now(host):
                 query.name_exists = query.name_exists or self.name
             return await next(query)
+        try:
+            reply = await self._resolve(query, host)
+        except LocalLimit as exc:
+            self.replies["local-limit"] += 1
+            query.note(f"  {exc}: SERVFAIL, final (no fallback: the public answer is not ours to give)")
+            return Reply(
+                SERVFAIL, self.name, Outcome.FAILED, f"{self.name}:local-limit",
+                ede=(EDE_OTHER, f"{self.name}: {exc}"), cacheable=False, final=True,
+            )  # fmt: skip
+        if reply is None:
+            query.note(f"  {host} not found by {', '.join(self.methods)} -> next")
+            reply = await next(query)
+            # Whatever answers instead lasts no longer than the "not found" it stands on.
+            bound = self.hold if reply.overlay_ttl is None else min(self.hold, reply.overlay_ttl)
+            return replace(reply, overlay_ttl=bound)
+        return reply
+
+    async def _resolve(self, query: Query, host: str) -> Reply | None:
+        """The stage's own reply for ``host``, or None to ask the next stage (on_miss: next)."""
         version = 6 if query.qtype == QTYPE.AAAA else 4
         # Both versions at once: the other one decides NODATA vs NXDOMAIN at no extra wait.
         other = self._lookup(host, 10 - version, query)
         known = await self._lookup(host, version, query)
-        records: list[RR] = []
+        self._explain(query, host)
         if known.addresses:
             records = self._records(query, known)
             if query.qtype == QTYPE.ANY:
                 records += self._records(query, await other)
+            self.replies["answer"] += 1
             return Reply(
                 NOERROR, self.name, Outcome.ANSWER, f"{self.name}:{known.method}",
-                answer=records, authoritative=True,
+                answer=records, authoritative=True, overlay_ttl=self.hold,
             )  # fmt: skip
         other_known = await other
         authority = [self.soa] if self.soa is not None else []
         if other_known.addresses:
             query.note(f"  {host} has only IPv{10 - version} addresses -> NODATA")
+            self.replies["nodata"] += 1
             return Reply(
                 NOERROR, self.name, Outcome.NODATA, f"{self.name}:{other_known.method}",
-                authority=authority, authoritative=True,
+                authority=authority, authoritative=True, overlay_ttl=self.hold,
             )  # fmt: skip
+        self.replies["not-found"] += 1
         if self.on_miss == "next":
-            query.note(f"  {host} not found by {', '.join(self.methods)} -> next")
-            return await next(query)
+            return None
         query.note(f"  {host} not found by {', '.join(self.methods)} -> NXDOMAIN")
         return Reply(
             NXDOMAIN, self.name, Outcome.NXDOMAIN, f"{self.name}:not-found",
-            authority=authority, authoritative=True,
+            authority=authority, authoritative=True, overlay_ttl=self.hold,
         )  # fmt: skip
 
+    def _explain(self, query: Query, host: str) -> None:
+        """For ``explain``: where the host stands and what would move it."""
+        if query.trace is None:
+            return
+        state = self.horizon.get(host)
+        if state is None:
+            return
+        ago = self.clock() - state.since
+        side = "inside (the overlay answers)" if state.inside else "outside (the overlay does not answer)"
+        query.note(f"  horizon: {host} is {side} since {ago:.1f} s ago: {state.why}")
+        if state.inside:
+            moves = f"{host} stops answering (noticed within {self.switch_within:g} s)"
+        else:
+            moves = f"{host} answers again (noticed within {self.switch_within:g} s)"
+        query.note(
+            f"  horizon: answers held at most {self.hold} s; switches when {moves}, "
+            "on an mDNS goodbye or announcement, or when this node's overlay link or address changes"
+        )
+
     def _records(self, query: Query, known: _Known) -> list[RR]:
+        # The time the finding has left, never a fresh TTL: layers after this one count
+        # down from here, so the whole stack forgets it when this stage does.
+        ttl = max(0, min(self.ttl, int(known.expires - self.clock())))
         out = []
         for address in known.addresses:
             rdata = A(str(address)) if address.version == 4 else AAAA(str(address))
             rtype = QTYPE.A if address.version == 4 else QTYPE.AAAA
-            out.append(RR(query.name, rtype, ttl=self.ttl, rdata=rdata))
+            out.append(RR(query.name, rtype, ttl=ttl, rdata=rdata))
         return out
 
     def _known_now(self, host: str) -> bool:
@@ -209,8 +306,20 @@ class OverlayStage:
             for version in (4, 6)
         )
 
+    def forget(self, why: str) -> int:
+        """Drop what the stage knows (the horizon moved: ``why``); how many findings."""
+        dropped = len(self.known)
+        self.known.clear()
+        self.forgotten += 1
+        for state in self.horizon.values():
+            state.why = f"{state.why}; forgotten: {why}"
+        return dropped
+
     def _lookup(self, host: str, version: int, query: Query) -> asyncio.Future[_Known]:
-        """The cached result, the lookup in flight, or a new lookup -- as a future."""
+        """The cached result, the lookup in flight, or a new lookup -- as a future.
+
+        Raises LocalLimit at the lookup cap: a flood of distinct unknown names must not
+        start lookups without end, and must not be mistaken for "not found"."""
         key = (host, version)
         known = self.known.get(key)
         loop = asyncio.get_running_loop()
@@ -223,14 +332,11 @@ class OverlayStage:
         if running is not None:
             return running
         if len(self.inflight) >= self.max_lookups:
-            # A flood of distinct unknown names must not start lookups without end.
             self.shed += 1
-            query.note(f"  {len(self.inflight)} lookups in flight: {host} counts as not found")
-            shed: asyncio.Future[_Known] = loop.create_future()
-            shed.set_result(_Known([], "", 0.0))
-            return shed
+            raise LocalLimit(f"{len(self.inflight)} overlay lookups in flight (max_lookups)")
         task = loop.create_task(self._ask(host, version, query))
         self.inflight[key] = task
+        task.add_done_callback(_retrieved)
         task.add_done_callback(lambda _t: self.inflight.pop(key, None))
         return task
 
@@ -238,7 +344,11 @@ class OverlayStage:
         started = self.clock()
 
         async def via(method: str, lookup: Lookup) -> list[IPAddress]:
-            result = await lookup(host, version, self.timeout)
+            try:
+                result = await lookup(host, version, self.timeout)
+            except LocalLimit:
+                limited.append(method)
+                return []
             if result is None:
                 unasked.append(method)
             found = usable(result or [], self.prefer)
@@ -251,6 +361,7 @@ class OverlayStage:
 
         winner: list[str] = []
         unasked: list[str] = []
+        limited: list[str] = []
         try:
             found = await asyncio.wait_for(
                 first_found([via(m, lookup) for m, lookup in self.methods.items()]), self.timeout + 0.05
@@ -258,19 +369,56 @@ class OverlayStage:
         except TimeoutError:
             found = []
         elapsed = (self.clock() - started) * 1000
+        if not found and limited:
+            # Not a finding about the host: the budget kept us from asking (DECISIONS.md 1).
+            self.lookups[(",".join(limited), "rate-limited")] = (
+                self.lookups.get((",".join(limited), "rate-limited"), 0) + 1
+            )
+            raise LocalLimit(f"multicast budget spent ({', '.join(limited)}): {host} not asked")
         method = winner[0] if winner and found else ""
         outcome = f"{[str(a) for a in found]} by {method}" if found else "not found"
         query.note(f"  IPv{version} of {host}: {outcome} in {elapsed:.1f} ms")
         log.debug("%s: IPv%d of %s: %s in %.1f ms", self.name, version, host, outcome, elapsed)
         lifetime = self.ttl if found else self.negative_ttl
+        why = f"found by {method}" if found else f"not found by {', '.join(self.methods)}"
         if not found and len(unasked) == len(self.methods):
             # Nobody could be asked (the overlay link is down, no peers): not a finding
             # about the host. Kept a second only, so the link's return is seen at once.
             lifetime = min(lifetime, UNASKED_TTL)
+            why = "nobody could be asked (no overlay interface up, no peers)"
             query.note(f"  nobody could be asked for {host} (no interface up, no peers): kept {lifetime} s")
-        known = _Known(found, method, self.clock() + lifetime)
+        now = self.clock()
+        known = _Known(found, method, now + lifetime)
         self.known[(host, version)] = known
+        self._track(host, version, bool(found), why, now)
         return known
+
+    def _track(self, host: str, version: int, found: bool, why: str, now: float) -> None:
+        """Update where ``host`` stands after a lookup; count and log a switch."""
+        other = self.known.get((host, 10 - version))
+        other_fresh = other is not None and now < other.expires
+        if not other_fresh and (host, 10 - version) in self.inflight:
+            return  # the other version's answer, due any moment, completes the picture
+        inside = found or (other is not None and other_fresh and bool(other.addresses))
+        state = self.horizon.get(host)
+        if state is None:
+            if len(self.horizon) >= 4096:  # bounded: random names must not grow it without end
+                self.horizon.clear()
+            self.horizon[host] = Horizon(inside, now, why)
+            return
+        if state.inside != inside:
+            self.switches["inside" if inside else "outside"] += 1
+            log.info(
+                "%s: %s is now %s the overlay (%s)", self.name, host, "inside" if inside else "outside", why
+            )
+            state.inside, state.since = inside, now
+        state.why = why
+
+
+def _retrieved(task: asyncio.Future[_Known]) -> None:
+    """Mark a lookup's exception as seen: a waiter that was cancelled never reads it."""
+    if not task.cancelled():
+        task.exception()
 
 
 # Building from configuration ---------------------------------------------------
@@ -337,6 +485,9 @@ def build(section: Section, ctx: BuildContext) -> OverlayStage | None:
     negative_ttl = section.get("negative_ttl", int_range(0, 86400), default=30)
     on_miss = section.get("on_miss", as_str, default="nxdomain")
     max_lookups = section.get("max_lookups", int_range(1, 100_000), default=256)
+    switch_within = section.get("switch_within", number_range(3, 86400), default=10.0)
+    multicast_rate = section.get("multicast_rate", number_range(1, 10_000), default=50.0)
+    multicast_burst = section.get("multicast_burst", int_range(1, 100_000), default=100)
     if on_miss not in ("nxdomain", "next"):
         section.where.child("on_miss").error(
             section.node_of("on_miss"), f"unknown {on_miss!r}", "use nxdomain or next"
@@ -348,17 +499,29 @@ def build(section: Section, ctx: BuildContext) -> OverlayStage | None:
     def listed() -> list[Any]:
         return list_interfaces(interfaces)
 
+    if int(switch_within) - math.ceil(timeout) - 1 < 1:
+        section.where.child("switch_within").error(
+            section.node_of("switch_within"),
+            f"switch_within {switch_within:g} s leaves no time to hold an answer with timeout {timeout:g} s",
+            f"use at least {math.ceil(timeout) + 2} seconds",
+        )
+        return None
+
     lookups: dict[str, Lookup] = {}
     services: list[Any] = []
+    # One budget for both multicast methods of this stage: a flood of unknown names
+    # costs at most multicast_rate queries a second on the overlay.
+    budget = MulticastBudget(multicast_rate, multicast_burst)
     for method in methods:
         if method == "mdns":
-            lookups["mdns"] = MdnsLookup(listed)
+            lookups["mdns"] = MdnsLookup(listed, budget)
         elif method == "llmnr":
-            lookups["llmnr"] = LlmnrLookup(listed)
+            lookups["llmnr"] = LlmnrLookup(listed, budget)
         elif method == "peers":
             peer_lookup = PeerLookup(peers, peers_file, peers_command, refresh)
             lookups["peers"], services = peer_lookup, [*services, peer_lookup]
     return OverlayStage(
         name, ctx.zone, lookups, host_pattern, prefer, timeout, ttl, negative_ttl, ctx.soa,
-        services=services, on_miss=on_miss, max_lookups=max_lookups,
+        services=services, on_miss=on_miss, max_lookups=max_lookups, switch_within=switch_within,
+        budget=budget, interface_names=interfaces,
     )  # fmt: skip
