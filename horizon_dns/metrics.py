@@ -56,6 +56,7 @@ from prometheus_client.registry import Collector as CollectorBase
 from prometheus_client.registry import CollectorRegistry
 
 from horizon_dns.core.handler import QueryHandler
+from horizon_dns.core.stage import Reporting
 from horizon_dns.core.stats import Histogram
 
 log = logging.getLogger("horizon_dns.metrics")
@@ -94,10 +95,6 @@ class Collector(CollectorBase):
         self.sources = sources
 
     def collect(self) -> Iterator[Metric]:
-        from horizon_dns.stages.cache import CacheStage
-        from horizon_dns.stages.forward import ForwardStage
-        from horizon_dns.stages.overlay import OverlayStage
-
         src = self.sources
         handler = src.handler
         p = "horizon_dns_"
@@ -154,74 +151,23 @@ class Collector(CollectorBase):
         stage_time = _histogram(
             p + "stage_duration_seconds", "Time in a stage and those after it.", ["zone", "stage"]
         )
-        cache = {
-            k: CounterMetricFamily(p + f"cache_{k}", f"Cache {k}.", labels=["zone", "stage"])
-            for k in ("hits", "misses", "evictions", "stale", "coalesced")
-        }
-        entries = GaugeMetricFamily(p + "cache_entries", "Entries in the cache.", labels=["zone", "stage"])
-        up_queries = CounterMetricFamily(
-            p + "upstream_queries", "Queries sent upstream.", labels=["stage", "upstream"]
-        )
-        up_fail = CounterMetricFamily(
-            p + "upstream_failures", "Failed upstream tries.", labels=["stage", "upstream"]
-        )
-        up_rtt = GaugeMetricFamily(
-            p + "upstream_rtt_seconds", "Smoothed upstream RTT.", labels=["stage", "upstream"]
-        )
-        up_up = GaugeMetricFamily(
-            p + "upstream_up", "1 unless marked down or disabled.", labels=["stage", "upstream"]
-        )
-        overlay = CounterMetricFamily(
-            p + "overlay_lookups", "Overlay lookups by method.", labels=["stage", "method", "result"]
-        )
-        shed = CounterMetricFamily(
-            p + "stage_shed", "Work refused at a stage's cap (upstream, lookups).", labels=["stage"]
-        )
-        overlay_replies = CounterMetricFamily(
-            p + "overlay_replies", "Overlay stage replies by result.", labels=["zone", "stage", "result"]
-        )
-        multicast_limited = CounterMetricFamily(
-            p + "overlay_multicast_limited",
-            "Multicast queries the budget refused.",
-            labels=["zone", "stage"],
-        )
-        switches = CounterMetricFamily(
-            p + "horizon_switches", "Hosts that changed side of the horizon.", labels=["zone", "stage", "to"]
-        )
+        # Stages own their numbers (core.stats.Sample); this module knows no stage type.
+        families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
         for zone in list(handler.pipeline.zones.values()):
             for stage_name, histogram in zone.timings.items():
                 _add_histogram(stage_time, [zone.name, stage_name], histogram)
             for stage in zone.stages:
-                if isinstance(stage, CacheStage):
-                    labels = [zone.name, stage.name]
-                    cache["hits"].add_metric(labels, stage.hits)
-                    cache["misses"].add_metric(labels, stage.misses)
-                    cache["evictions"].add_metric(labels, stage.evictions)
-                    cache["stale"].add_metric(labels, stage.stale_served)
-                    cache["coalesced"].add_metric(labels, stage.coalesced)
-                    entries.add_metric(labels, len(stage.entries))
-                elif isinstance(stage, ForwardStage):
-                    for state in stage.states:
-                        labels = [stage.name, str(state.upstream)]
-                        up_queries.add_metric(labels, state.queries)
-                        up_fail.add_metric(labels, state.errors)
-                        up_rtt.add_metric(labels, state.srtt)
-                        up_up.add_metric(labels, 0 if state.disabled or state.failures >= 3 else 1)
-                    shed.add_metric([stage.name], stage.shed)
-                elif isinstance(stage, OverlayStage):
-                    for (method, result), n in list(stage.lookups.items()):
-                        overlay.add_metric([stage.name, method, result], n)
-                    shed.add_metric([stage.name], stage.shed)
-                    for result, n in stage.replies.items():
-                        overlay_replies.add_metric([zone.name, stage.name, result], n)
-                    for to, n in stage.switches.items():
-                        switches.add_metric([zone.name, stage.name, to], n)
-                    limited = stage.budget.limited if stage.budget is not None else 0
-                    multicast_limited.add_metric([zone.name, stage.name], limited)
+                if not isinstance(stage, Reporting):
+                    continue
+                for sample in stage.stats(zone.name):
+                    family = families.get(sample.metric)
+                    if family is None:
+                        make = CounterMetricFamily if sample.kind == "counter" else GaugeMetricFamily
+                        names = [name for name, _value in sample.labels]
+                        family = families[sample.metric] = make(p + sample.metric, sample.help, labels=names)
+                    family.add_metric([value for _name, value in sample.labels], sample.value)
         yield stage_time
-        yield from cache.values()
-        yield from (entries, up_queries, up_fail, up_rtt, up_up, overlay, shed)
-        yield from (overlay_replies, multicast_limited, switches)
+        yield from families.values()
         moves = CounterMetricFamily(p + "horizon_moves", "Overlay views dropped, by cause.", labels=["cause"])
         for cause, n in src.horizon_moves().items():
             moves.add_metric([cause], n)

@@ -9,13 +9,14 @@ closures once. Sockets and tasks open in ``start()``, never in ``__init__``, so
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from horizon_dns.core.message import Query, Reply
 
 if TYPE_CHECKING:
     from horizon_dns.core.packed import Packed
+    from horizon_dns.core.stats import Sample
 
 Next = Callable[[Query], Awaitable[Reply]]
 
@@ -33,6 +34,14 @@ class Stage(Protocol):
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
+
+
+@runtime_checkable
+class Reporting(Protocol):
+    """A stage that keeps statistics: the metrics collector asks it at scrape time."""
+
+    def stats(self, zone: str) -> Iterable[Sample]:
+        """The stage's numbers now, as Samples (see :class:`horizon_dns.core.stats.Sample`)."""
 
 
 @runtime_checkable

@@ -8,6 +8,7 @@ structures and a collector turns them into Prometheus series at scrape time.
 from __future__ import annotations
 
 import bisect
+from dataclasses import dataclass
 
 #: Upper bounds in seconds, from a cache hit (tens of µs) to an upstream timeout.
 DURATION_BUCKETS = (
@@ -54,3 +55,31 @@ class Histogram:
             out.append((repr(bound), running))
         out.append(("+Inf", self.count))
         return out
+
+
+SHED_HELP = "Work refused at a stage's cap (upstream, lookups)."
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One number a stage reports at scrape time: which series, its labels, its value.
+
+    Stages own their statistics (CoreDNS keeps a ``metrics.go`` beside each plugin):
+    each stage's ``stats(zone)`` yields Samples and :mod:`horizon_dns.metrics` turns
+    them into Prometheus families without knowing any stage type. Samples of one
+    ``metric`` must carry the same label names, in the same order.
+    """
+
+    metric: str  # without the horizon_dns_ prefix or a _total suffix
+    help: str
+    kind: str  # "counter" or "gauge"
+    labels: tuple[tuple[str, str], ...]
+    value: float
+
+
+def counter(metric: str, help: str, value: float, **labels: str) -> Sample:
+    return Sample(metric, help, "counter", tuple(labels.items()), value)
+
+
+def gauge(metric: str, help: str, value: float, **labels: str) -> Sample:
+    return Sample(metric, help, "gauge", tuple(labels.items()), value)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 from horizon_dns.config.source import Section, as_bool, int_range
@@ -44,6 +44,7 @@ from horizon_dns.core.bounded import remember
 from horizon_dns.core.message import Outcome, Query, Reply
 from horizon_dns.core.packed import Packed, lower_ttls, with_ttls
 from horizon_dns.core.stage import Next
+from horizon_dns.core.stats import Sample, counter, gauge
 from horizon_dns.core.ttl import ttl_rule
 from horizon_dns.core.wire import CD, NOERROR, NXDOMAIN, SERVFAIL
 from horizon_dns.stages.context import BuildContext
@@ -157,6 +158,16 @@ class CacheStage:
     async def stop(self) -> None:
         for future in self.inflight.values():
             future.cancel()
+
+    def stats(self, zone: str) -> Iterator[Sample]:
+        """Hits, misses, evictions, stale serves, coalesced misses, entries."""
+        labels = {"zone": zone, "stage": self.name}
+        yield counter("cache_hits", "Cache hits.", self.hits, **labels)
+        yield counter("cache_misses", "Cache misses.", self.misses, **labels)
+        yield counter("cache_evictions", "Entries evicted at max_entries.", self.evictions, **labels)
+        yield counter("cache_stale", "Expired answers served stale (RFC 8767).", self.stale_served, **labels)
+        yield counter("cache_coalesced", "Misses that joined one in flight.", self.coalesced, **labels)
+        yield gauge("cache_entries", "Entries in the cache.", len(self.entries), **labels)
 
     def settings(self) -> tuple[int, int, int, int, bool, int, int]:
         """Everything that decides what is stored; equal settings may share entries."""

@@ -48,7 +48,7 @@ import secrets
 import ssl
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -58,6 +58,7 @@ from horizon_dns.core.message import Outcome, Query, Reply
 from horizon_dns.core.names import text_to_name
 from horizon_dns.core.packed import DEFAULT_UDP_PAYLOAD, Packed, bounded_ttls, encode_opt, from_upstream
 from horizon_dns.core.stage import Next
+from horizon_dns.core.stats import SHED_HELP, Sample, counter, gauge
 from horizon_dns.core.wire import (
     AA,
     AD,
@@ -104,6 +105,11 @@ class UpstreamState:
 
     def usable(self, now: float) -> bool:
         return not self.disabled and now >= self.down_until
+
+    @property
+    def marked_down(self) -> bool:
+        """Disabled, or failed FAILURES_TO_MARK_DOWN times in a row."""
+        return bool(self.disabled) or self.failures >= FAILURES_TO_MARK_DOWN
 
     def succeeded(self, rtt: float) -> None:
         self.srtt = rtt if self.srtt == 0 else 0.7 * self.srtt + 0.3 * rtt
@@ -184,6 +190,18 @@ class ForwardStage:
         context = ssl.create_default_context(cafile=self.tls_ca)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         return context
+
+    def stats(self, zone: str) -> Iterator[Sample]:
+        """Per upstream: queries, failed tries, smoothed RTT, up; and work shed at the cap."""
+        for state in self.states:
+            labels = {"stage": self.name, "upstream": str(state.upstream)}
+            yield counter("upstream_queries", "Queries sent upstream.", state.queries, **labels)
+            yield counter("upstream_failures", "Failed upstream tries.", state.errors, **labels)
+            yield gauge("upstream_rtt_seconds", "Smoothed upstream RTT.", state.srtt, **labels)
+            yield gauge(
+                "upstream_up", "1 unless marked down or disabled.", 0 if state.marked_down else 1, **labels
+            )
+        yield counter("stage_shed", SHED_HELP, self.shed, stage=self.name)
 
     async def probe_loops(self, wait: float = 2.0) -> None:
         """Send a random name to each upstream; one that brings it back to us is a loop."""

@@ -55,7 +55,7 @@ import ipaddress
 import logging
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -74,8 +74,10 @@ from horizon_dns.core.pattern import (
     search,
 )
 from horizon_dns.core.stage import Next
+from horizon_dns.core.stats import SHED_HELP, Sample, counter
 from horizon_dns.core.wire import NOERROR, NXDOMAIN, SERVFAIL
 from horizon_dns.errors import LocalLimit
+from horizon_dns.llmnr.responder import Interface
 from horizon_dns.net.oneshot import MulticastBudget
 from horizon_dns.net.overlay import IPAddress, LlmnrLookup, Lookup, MdnsLookup, PeerLookup, first_found
 from horizon_dns.stages.context import BuildContext
@@ -306,6 +308,45 @@ class OverlayStage:
             for version in (4, 6)
         )
 
+    def stats(self, zone: str) -> Iterator[Sample]:
+        """Lookups by method and result, replies by result, switches, what the caps refused."""
+        for (method, result), n in list(self.lookups.items()):
+            yield counter(
+                "overlay_lookups",
+                "Overlay lookups by method.",
+                n,
+                stage=self.name,
+                method=method,
+                result=result,
+            )
+        for result, n in self.replies.items():
+            yield counter(
+                "overlay_replies",
+                "Overlay stage replies by result.",
+                n,
+                zone=zone,
+                stage=self.name,
+                result=result,
+            )
+        for to, n in self.switches.items():
+            yield counter(
+                "horizon_switches",
+                "Hosts that changed side of the horizon.",
+                n,
+                zone=zone,
+                stage=self.name,
+                to=to,
+            )
+        limited = self.budget.limited if self.budget is not None else 0
+        yield counter(
+            "overlay_multicast_limited",
+            "Multicast queries the budget refused.",
+            limited,
+            zone=zone,
+            stage=self.name,
+        )
+        yield counter("stage_shed", SHED_HELP, self.shed, stage=self.name)
+
     def forget(self, why: str) -> int:
         """Drop what the stage knows (the horizon moved: ``why``); how many findings."""
         dropped = len(self.known)
@@ -421,6 +462,14 @@ def _retrieved(task: asyncio.Future[_Known]) -> None:
         task.exception()
 
 
+def on_the_overlay(interfaces: list[Interface]) -> list[Interface]:
+    """The interfaces this node is on the overlay through: those with an address that is
+    not link-local. A node whose overlay address is gone is outside, even though its
+    link still carries IPv6 link-local multicast: asking from there would find hosts
+    at addresses it cannot reach (and answer NODATA where the public answer belongs)."""
+    return [i for i in interfaces if any(not a.ip.is_link_local for a in i.addresses)]
+
+
 # Building from configuration ---------------------------------------------------
 
 METHODS = ("mdns", "llmnr", "peers")
@@ -497,7 +546,7 @@ def build(section: Section, ctx: BuildContext) -> OverlayStage | None:
         return None
 
     def listed() -> list[Any]:
-        return list_interfaces(interfaces)
+        return on_the_overlay(list_interfaces(interfaces))
 
     if int(switch_within) - math.ceil(timeout) - 1 < 1:
         section.where.child("switch_within").error(
