@@ -152,8 +152,9 @@ class QueryHandler:
         self.durations: dict[str, Histogram] = collections.defaultdict(Histogram)
         self.malformed: collections.Counter[str] = collections.Counter()
         self.observers: list[ReplyObserver] = []
-        #: False while something must see every query (the query log): all take the full path.
-        self.fast_enabled = True
+        self._fast_enabled = True
+        #: Whether the hot path may answer at all, kept as one flag: it is read per query.
+        self._fast = pipeline.has_fast_path
         self.fast_hits = 0
 
     @property
@@ -164,8 +165,19 @@ class QueryHandler:
     def pipeline(self, pipeline: Pipeline) -> None:
         """A reload: remembered replies belong to the old configuration."""
         self._pipeline = pipeline
+        self._fast = self._fast_enabled and pipeline.has_fast_path
         self._memo = {}
         self._memo_tcp = {}
+
+    @property
+    def fast_enabled(self) -> bool:
+        """False while something must see every query (the query log): all take the full path."""
+        return self._fast_enabled
+
+    @fast_enabled.setter
+    def fast_enabled(self, enabled: bool) -> None:
+        self._fast_enabled = enabled
+        self._fast = enabled and self._pipeline.has_fast_path
 
     def forget_remembered(self) -> None:
         """Drop every remembered reply (the horizon moved: their entries are gone)."""
@@ -178,7 +190,7 @@ class QueryHandler:
         The first try of the batched listener, for clients it has already screened:
         one dict lookup, no parsing. Everything else (renewal included) is
         ``fast_answer``'s."""
-        if not self.fast_enabled:
+        if not self._fast:
             return None
         remembered = self._memo.get(data[2:])
         if remembered is None or remembered[0] <= now:
@@ -188,7 +200,7 @@ class QueryHandler:
 
     def fast_answer(self, data: bytes, tcp: bool = False) -> bytes | None:
         """The reply from a leading cache's fresh entry, or None to take the full path."""
-        if not self.fast_enabled or not self._pipeline.has_fast_path:
+        if not self._fast:
             return None
         memo = self._memo_tcp if tcp else self._memo
         tail = data[2:]
