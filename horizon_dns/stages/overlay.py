@@ -310,41 +310,15 @@ class OverlayStage:
 
     def stats(self, zone: str) -> Iterator[Sample]:
         """Lookups by method and result, replies by result, switches, what the caps refused."""
+        name = self.name
         for (method, result), n in list(self.lookups.items()):
-            yield counter(
-                "overlay_lookups",
-                "Overlay lookups by method.",
-                n,
-                stage=self.name,
-                method=method,
-                result=result,
-            )
+            yield counter("overlay_lookups", "Overlay lookups.", n, stage=name, method=method, result=result)
         for result, n in self.replies.items():
-            yield counter(
-                "overlay_replies",
-                "Overlay stage replies by result.",
-                n,
-                zone=zone,
-                stage=self.name,
-                result=result,
-            )
+            yield counter("overlay_replies", "Overlay replies.", n, zone=zone, stage=name, result=result)
         for to, n in self.switches.items():
-            yield counter(
-                "horizon_switches",
-                "Hosts that changed side of the horizon.",
-                n,
-                zone=zone,
-                stage=self.name,
-                to=to,
-            )
+            yield counter("horizon_switches", "Hosts that changed side.", n, zone=zone, stage=name, to=to)
         limited = self.budget.limited if self.budget is not None else 0
-        yield counter(
-            "overlay_multicast_limited",
-            "Multicast queries the budget refused.",
-            limited,
-            zone=zone,
-            stage=self.name,
-        )
+        yield counter("overlay_multicast_limited", "Multicast refused.", limited, zone=zone, stage=name)
         yield counter("stage_shed", SHED_HELP, self.shed, stage=self.name)
 
     def forget(self, why: str) -> int:
