@@ -58,10 +58,9 @@ from prometheus_client.registry import CollectorRegistry
 from horizon_dns.core.handler import QueryHandler
 from horizon_dns.core.stage import Reporting
 from horizon_dns.core.stats import Histogram
+from horizon_dns.core.wire import rcode_name
 
 log = logging.getLogger("horizon_dns.metrics")
-
-RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED", 16: "BADVERS"}
 
 
 @dataclass
@@ -103,7 +102,7 @@ class Collector(CollectorBase):
             p + "responses", "Replies of the full path.", labels=["zone", "transport", "qtype", "rcode"]
         )
         for (zone_name, transport, qtype, rcode), n in list(handler.responses.items()):
-            responses.add_metric([zone_name, transport, qtype, RCODES.get(rcode, str(rcode))], n)
+            responses.add_metric([zone_name, transport, qtype, rcode_name(rcode)], n)
         yield responses
 
         by_stage = CounterMetricFamily(

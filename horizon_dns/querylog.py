@@ -12,9 +12,9 @@ import logging
 import random
 
 from horizon_dns.core.message import Query, Reply
+from horizon_dns.core.wire import rcode_name
 
 log = logging.getLogger("horizon_dns.querylog")
-RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED", 16: "BADVERS"}
 
 
 class QueryLog:
@@ -32,6 +32,6 @@ class QueryLog:
         log.info(
             'client=%s transport=%s name=%s type=%s zone=%s rcode=%s stage=%s outcome=%s reason="%s" ms=%.2f',
             client, query.transport, query.name, query.type_name, zone,
-            RCODES.get(reply.rcode, str(reply.rcode)), reply.stage, reply.outcome.value, reply.reason,
+            rcode_name(reply.rcode), reply.stage, reply.outcome.value, reply.reason,
             seconds * 1000,
         )  # fmt: skip

@@ -45,6 +45,7 @@ from horizon_dns.core.loop import LoopGuard
 from horizon_dns.core.names import MAX_LABEL, MAX_NAME_WIRE, text_to_name
 from horizon_dns.core.pipeline import Pipeline, Zone
 from horizon_dns.core.stage import Stage
+from horizon_dns.core.wire import RCODE_NAMES
 from horizon_dns.errors import ConfigError, ConfigIssue
 from horizon_dns.stages import REGISTRY, BuildContext
 
@@ -175,7 +176,7 @@ class _ZoneDraft:
 
 
 DEFAULT_FALLBACK_RCODES = ("NXDOMAIN", "SERVFAIL", "REFUSED")
-_FALLBACK_RCODES = {"NXDOMAIN": 3, "SERVFAIL": 2, "REFUSED": 5}
+_FALLBACK_RCODES = {name: code for code, name in RCODE_NAMES.items() if name in DEFAULT_FALLBACK_RCODES}
 
 
 class _Loader:

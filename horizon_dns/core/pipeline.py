@@ -34,14 +34,13 @@ from horizon_dns.core.packed import TYPE_SOA
 from horizon_dns.core.stage import FastCache, Next, Stage
 from horizon_dns.core.stats import Histogram
 from horizon_dns.core.ttl import ttl_rule
-from horizon_dns.core.wire import CLASS_IN, NOERROR, NXDOMAIN, REFUSED, SERVFAIL
+from horizon_dns.core.wire import CLASS_IN, NOERROR, NXDOMAIN, REFUSED, SERVFAIL, rcode_name
 
 MAX_CNAME_DEPTH = 8
 TYPE_CNAME = 5  # RFC 1035 §3.2.2; a plain int: dnslib's QTYPE.CNAME is a slow lookup per use
 _NO_CHASE = frozenset({TYPE_CNAME, QTYPE.ANY})
 _ZONE_TRANSFERS = frozenset({251, 252})  # IXFR, AXFR: our zones are synthesized, nothing to transfer
 
-RCODE_NAMES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
 
 # RFC 8914 §4 info-codes used here.
 EDE_OTHER = 0
@@ -93,7 +92,7 @@ class Zone:
         reply = await self.chain(query)
         if reply.rcode not in self.fallback_rcodes or self.is_final(reply):
             return reply
-        rcode = RCODE_NAMES.get(reply.rcode, str(reply.rcode))
+        rcode = rcode_name(reply.rcode)
         if reply.final:
             # DECISIONS.md 1: our own limit said no; the public answer would pick the
             # wrong horizon for an inside name.

@@ -38,6 +38,17 @@ OPCODE_MASK = 0x7800
 # Response codes (RFC 1035 §4.1.1, RFC 6891 §9).
 NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
 BADVERS = 16
+#: Mnemonics of the rcodes we send or read (RFC 1035 §4.1.1, RFC 6891 §9); the one table.
+RCODE_NAMES = {
+    NOERROR: "NOERROR", FORMERR: "FORMERR", SERVFAIL: "SERVFAIL", NXDOMAIN: "NXDOMAIN",
+    NOTIMP: "NOTIMP", REFUSED: "REFUSED", BADVERS: "BADVERS",
+}  # fmt: skip
+
+
+def rcode_name(rcode: int) -> str:
+    """``NXDOMAIN`` for 3; the number as text for an rcode without a name here."""
+    return RCODE_NAMES.get(rcode) or str(rcode)
+
 
 TYPE_OPT = 41
 CLASS_IN = 1
