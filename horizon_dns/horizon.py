@@ -2,10 +2,9 @@
 
 Contract: :class:`HorizonWatch` follows two event sources and, when one says the
 overlay may now look different from here, drops every overlay-derived answer the
-daemon holds -- each overlay stage's findings (:meth:`OverlayStage.forget`), each
-cache's overlay-marked entries (:meth:`CacheStage.forget_overlay`) and the hot
-path's remembered replies -- so the next query asks the overlay again. Public
-data stays cached.
+daemon holds -- every stage's that holds any (``forget_overlay``: the overlay
+stages' findings, the caches' overlay-marked entries) and the hot path's remembered
+replies -- so the next query asks the overlay again. Public data stays cached.
 
 * **This node's overlay link or address** changed (rtnetlink, :mod:`horizon_dns.net.linkwatch`):
   always a move. Costs no CPU while nothing changes.
@@ -27,10 +26,10 @@ from collections.abc import Callable
 
 from horizon_dns.core import clock
 from horizon_dns.core.handler import QueryHandler
+from horizon_dns.core.stage import OverlayDerived
 from horizon_dns.net.interfaces import list_interfaces
 from horizon_dns.net.linkwatch import LinkWatcher
 from horizon_dns.net.mdns_watch import MdnsWatcher
-from horizon_dns.stages.cache import CacheStage
 from horizon_dns.stages.overlay import OverlayStage
 
 log = logging.getLogger("horizon_dns.horizon")
@@ -75,31 +74,23 @@ class HorizonWatch:
         self.move("link", reason)
 
     def _mdns_record(self, host: str, goodbye: bool) -> None:
-        for stage in self.overlay_stages():
-            state = stage.horizon.get(host)
-            if state is None:
-                continue  # never asked about: nothing held for it
-            if goodbye and state.inside:
+        if any(stage.heard(host, goodbye) for stage in self.overlay_stages()):
+            if goodbye:
                 self.move("mdns-goodbye", f"{host}.local said goodbye (RFC 6762 §10.1)")
-                return
-            if not goodbye and not state.inside:
+            else:
                 self.move("mdns-announce", f"{host}.local announced itself (RFC 6762 §8.3)")
-                return
 
     def move(self, cause: str, why: str) -> None:
         """Forget every overlay-derived answer: the horizon moved (``why``)."""
         self.moves[cause] += 1
         self.last = (clock.now(), why)
-        findings = entries = 0
-        for stage in self.handler.pipeline.stages:
-            if isinstance(stage, OverlayStage):
-                findings += stage.forget(why)
-            elif isinstance(stage, CacheStage):
-                entries += stage.forget_overlay()
-        self.handler.forget_remembered()
-        log.info(
-            "horizon moved: %s; forgot %d overlay findings and %d cached answers", why, findings, entries
+        dropped = sum(
+            stage.forget_overlay(why)
+            for stage in self.handler.pipeline.stages
+            if isinstance(stage, OverlayDerived)
         )
+        self.handler.forget_remembered()
+        log.info("horizon moved: %s; forgot %d overlay-derived answers", why, dropped)
 
 
 def overlay_interfaces(handler: QueryHandler) -> Callable[[], list[str]]:

@@ -236,8 +236,8 @@ def test_forgetting_drops_the_overlay_view_in_every_layer_and_keeps_public_data(
     ask(pipeline)
     ask(pipeline, "example.org.")  # zone "." only: public data
     method.present = False
-    assert overlay.forget("link eth0 down") == 2
-    dropped = sum(cache.forget_overlay() for cache in caches)
+    assert overlay.forget_overlay("link eth0 down") == 2
+    dropped = sum(cache.forget_overlay("link eth0 down") for cache in caches)
     assert dropped == 1
     _, answer = ask(pipeline)
     assert answer == [(PUBLIC, overlay.hold)]

@@ -166,8 +166,7 @@ class QueryHandler:
         """A reload: remembered replies belong to the old configuration."""
         self._pipeline = pipeline
         self._fast = self._fast_enabled and pipeline.has_fast_path
-        self._memo = {}
-        self._memo_tcp = {}
+        self.forget_remembered()
 
     @property
     def fast_enabled(self) -> bool:

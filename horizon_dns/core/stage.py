@@ -45,6 +45,14 @@ class Reporting(Protocol):
 
 
 @runtime_checkable
+class OverlayDerived(Protocol):
+    """A stage that holds answers derived from the overlay (findings, cached replies)."""
+
+    def forget_overlay(self, why: str) -> int:
+        """Drop them all, the horizon having moved (``why``); how many were dropped."""
+
+
+@runtime_checkable
 class FastCache(Protocol):
     """A cache that can lead a zone: it stores final replies and answers from bytes."""
 

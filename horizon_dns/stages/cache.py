@@ -73,7 +73,7 @@ Shape = tuple[Packed, Outcome, int | None]
 
 class Entry:
     """One cached reply in ~130 bytes: a shared shape (the reply's form, its outcome
-    and whether the overlay owns its name),
+    and, when the overlay owns its name, the overlay's bound),
     one bytes object holding when it was stored, when it expires (ticks of the
     cache's clock) and the record bytes, and whether it was used since the
     eviction sweep last passed it.
@@ -312,7 +312,7 @@ class CacheStage:
             return reply
         return ttl_rule(query, reply, self.min_ttl, self.max_ttl, self.max_negative_ttl)
 
-    def forget_overlay(self) -> int:
+    def forget_overlay(self, why: str) -> int:
         """Drop every entry whose name the overlay owns (the horizon moved); how many."""
         doomed = [key for key, entry in self.entries.items() if entry.overlay]
         for key in doomed:

@@ -321,7 +321,14 @@ class OverlayStage:
         yield counter("overlay_multicast_limited", "Multicast refused.", limited, zone=zone, stage=name)
         yield counter("stage_shed", SHED_HELP, self.shed, stage=self.name)
 
-    def forget(self, why: str) -> int:
+    def heard(self, host: str, goodbye: bool) -> bool:
+        """Whether an mDNS record about ``host`` contradicts what this stage believes: a
+        goodbye (RFC 6762 §10.1) for a host seen inside, an announcement (§8.3) for one
+        seen outside. A host never asked about changes nothing: nothing is held for it."""
+        state = self.horizon.get(host)
+        return state is not None and state.inside == goodbye
+
+    def forget_overlay(self, why: str) -> int:
         """Drop what the stage knows (the horizon moved: ``why``); how many findings."""
         dropped = len(self.known)
         self.known.clear()
