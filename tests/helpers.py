@@ -82,3 +82,14 @@ async def udp_exchange(port: int, wire: bytes, timeout: float) -> bytes | None:
         return None
     finally:
         sock.close()
+
+
+class FakeClock:
+    """A clock a test moves by hand (``clock.now += 10``), in place of core.clock.now
+    (CLOCK_BOOTTIME, which counts suspend too)."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now

@@ -12,6 +12,7 @@ import dns.message
 import dns.rdatatype
 import pytest
 from dnslib import RR
+from helpers import FakeClock as Clock
 from helpers import config_from, make_query
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -23,14 +24,6 @@ from horizon_dns.core.message import Edns, Outcome, Query, Reply
 from horizon_dns.core.names import name_to_text, text_to_name
 from horizon_dns.core.wire import NOERROR, NXDOMAIN, SERVFAIL
 from horizon_dns.stages.cache import EDE_STALE_ANSWER, STALE_RECHECK, STALE_TTL, CacheStage, query_key
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Next:

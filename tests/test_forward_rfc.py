@@ -18,6 +18,7 @@ import dns.rdatatype
 import pytest
 from dnslib import EDNS0, QTYPE, RCODE, RR, A, DNSRecord, EDNSOption
 from fakeupstream import FakeUpstream
+from helpers import FakeClock as Clock
 from helpers import config_from, make_query
 
 from horizon_dns.core import handler as handler_module
@@ -72,14 +73,6 @@ def scripted() -> Iterator[Scripted]:
 def fake() -> Iterator[Scripted]:
     with scripted() as upstream:
         yield upstream
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def has_opt(request: bytes) -> bool:

@@ -13,6 +13,7 @@ import dns.message
 import dns.rdatatype
 import pytest
 from dnslib import RR
+from helpers import FakeClock as Clock
 from helpers import make_query
 
 from horizon_dns.core import clock as clocks
@@ -30,16 +31,6 @@ from horizon_dns.stages.overlay import OverlayStage, switch_hold
 
 NODEB = "100.64.0.2"
 PUBLIC = "192.0.2.1"
-
-
-class Clock:
-    """A clock the test moves; stands for CLOCK_BOOTTIME, which counts suspend too."""
-
-    def __init__(self) -> None:
-        self.now = 5000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Overlay:

@@ -8,20 +8,13 @@ from pathlib import Path
 
 import pytest
 from dnslib import AAAA, QTYPE, RR, A, DNSRecord
+from helpers import FakeClock as Clock
 from helpers import config_from, make_query
 
 from horizon_dns.core.message import Outcome, Query, Reply
 from horizon_dns.core.wire import NOERROR, NXDOMAIN, SERVFAIL
 from horizon_dns.net.overlay import IPAddress, PeerLookup, addresses_in, ask_interfaces, parse_peers
 from horizon_dns.stages.overlay import UNASKED_TTL, OverlayStage, usable
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Scripted:
