@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from dnslib import AAAA, QTYPE, RR, A, DNSHeader, DNSQuestion, DNSRecord
+from helpers import FakeClock
 from hypothesis import given
 from hypothesis import strategies as st
 from lab import ROOT, Lab, lab
@@ -35,14 +36,6 @@ LINK6 = ipaddress.ip_interface("fe80::1/64")
 DUAL = Interface("zt0", 7, (V4, V6, LINK6))
 V4_ONLY = Interface("wg0", 8, (V4,))
 V6_ONLY = Interface("zt6", 9, (V6, LINK6))
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 # The token bucket ------------------------------------------------------------
