@@ -9,7 +9,7 @@ reply is checked. Bounded: ``--rounds`` batches, nothing sent off 127.0.0.1.
 
 What it isolates: the listener and the hot path, without the machine's other
 process (dnsperf) or the event loop's wakeups -- the figure to compare when
-changing ``horizon_dns/net`` or ``QueryHandler.remembered``/``fast_answer``.
+changing ``horizon_dns/net`` or ``QueryHandler.hot_answer_known``/``hot_answer``.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ async def measure(rounds: int, batch: int) -> dict[str, float]:
         handler = handler_for_bench(Path(tmp))
         for name in QUERIES:  # cache every name, then remember every reply
             await handler.handle(dns_query(name, 0), ("127.0.0.1", 1), "udp")
-            handler.fast_answer(dns_query(name, 0))
+            handler.hot_answer(dns_query(name, 0))
     server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:

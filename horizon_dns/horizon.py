@@ -3,8 +3,8 @@
 Contract: :class:`HorizonWatch` follows two event sources and, when one says the
 overlay may now look different from here, drops every overlay-derived answer the
 daemon holds -- every stage's that holds any (``forget_overlay``: the overlay
-stages' findings, the caches' overlay-marked entries) and the hot path's remembered
-replies -- so the next query asks the overlay again. Public data stays cached.
+stages' findings, the caches' overlay-marked entries) and the replies the hot path keeps
+-- so the next query asks the overlay again. Public data stays cached.
 
 * **This node's overlay link or address** changed (rtnetlink, :mod:`horizon_dns.net.linkwatch`):
   always a move. Costs no CPU while nothing changes.
@@ -89,7 +89,7 @@ class HorizonWatch:
             for stage in self.handler.pipeline.stages
             if isinstance(stage, OverlayDerived)
         )
-        self.handler.forget_remembered()
+        self.handler.forget_hot_replies()
         log.info("horizon moved: %s; forgot %d overlay-derived answers", why, dropped)
 
 

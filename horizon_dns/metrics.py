@@ -113,7 +113,7 @@ class Collector(CollectorBase):
         yield by_stage
 
         yield CounterMetricFamily(
-            p + "hot_path_responses", "Cache hits answered without a task.", handler.fast_hits
+            p + "hot_path_responses", "Cache hits answered without a task.", handler.hot_hits
         )
 
         durations = _histogram(p + "request_duration_seconds", "Time to answer (full path).", ["zone"])

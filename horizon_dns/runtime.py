@@ -156,7 +156,7 @@ class Runtime:
         if config.query_log_sample is not None:
             self.query_log = QueryLog(config.query_log_sample)
             self.handler.observers.append(self.query_log)
-        self.handler.fast_enabled = self.query_log is None
+        self.handler.hot_enabled = self.query_log is None
 
     async def _start_metrics(self, config: Config) -> None:
         if config.metrics is None or self.worker != 0:

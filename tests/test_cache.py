@@ -272,11 +272,11 @@ def test_fast_path_gives_the_same_bytes_as_the_full_path(tmp_path: Path, edns: b
     wire = dns.message.make_query(
         "Www.Hot.Test", "A", use_edns=0 if edns else False, want_dnssec=edns
     ).to_wire()
-    assert handler.fast_answer(wire) is None  # nothing cached yet
+    assert handler.hot_answer(wire) is None  # nothing cached yet
     slow = asyncio.run(handler.handle(wire, ("127.0.0.1", 1), "udp"))
     assert slow is not None
-    fast = handler.fast_answer(wire)
-    assert fast is not None and handler.fast_hits == 1
+    fast = handler.hot_answer(wire)
+    assert fast is not None and handler.hot_hits == 1
     # Same question echo, flags, records; the TTL may only have aged.
     assert fast == asyncio.run(handler.handle(wire, ("127.0.0.1", 1), "udp"))
     message = dns.message.from_wire(fast)
@@ -289,14 +289,14 @@ def test_fast_path_declines_what_it_cannot_serve(tmp_path: Path) -> None:
     handler = QueryHandler(config.pipeline())
     wire = dns.message.make_query("a.hot.test", "A").to_wire()
     asyncio.run(handler.handle(wire, ("127.0.0.1", 1), "udp"))
-    assert handler.fast_answer(wire) is not None
+    assert handler.hot_answer(wire) is not None
     bad_version = dns.message.make_query("a.hot.test", "A", use_edns=1).to_wire()
-    assert handler.fast_answer(bad_version) is None  # BADVERS needs the full path
+    assert handler.hot_answer(bad_version) is None  # BADVERS needs the full path
     response = bytearray(wire)
     response[2] |= 0x80
-    assert handler.fast_answer(bytes(response)) is None  # QR=1
-    assert handler.fast_answer(wire[:-1]) is None
-    assert handler.fast_answer(dns.message.make_query("a.other.test", "A").to_wire()) is None
+    assert handler.hot_answer(bytes(response)) is None  # QR=1
+    assert handler.hot_answer(wire[:-1]) is None
+    assert handler.hot_answer(dns.message.make_query("a.other.test", "A").to_wire()) is None
 
 
 CHAIN_RULES = r"""
@@ -324,14 +324,14 @@ def test_leading_cache_keeps_the_chased_chain_for_the_hot_path(tmp_path: Path) -
     handler = QueryHandler(config.pipeline())
     wire = dns.message.make_query("www.nodeb.hot.test", "A").to_wire()
     slow = asyncio.run(handler.handle(wire, ("127.0.0.1", 1), "udp"))
-    fast = handler.fast_answer(wire)
+    fast = handler.hot_answer(wire)
     assert slow is not None and fast is not None
     for data in (slow, fast):
         message = dns.message.from_wire(data)
         assert [r.rdtype for r in message.answer] == [dns.rdatatype.CNAME, dns.rdatatype.A]
     # The target was cached on its own too.
     target = dns.message.make_query("nodeb.hot.test", "A").to_wire()
-    assert handler.fast_answer(target) is not None
+    assert handler.hot_answer(target) is not None
 
 
 def test_remembered_replies_differ_only_in_id_and_end_with_a_reload(tmp_path: Path) -> None:
@@ -339,13 +339,13 @@ def test_remembered_replies_differ_only_in_id_and_end_with_a_reload(tmp_path: Pa
     handler = QueryHandler(config.pipeline())
     first = dns.message.make_query("a.hot.test", "A", use_edns=0)
     asyncio.run(handler.handle(first.to_wire(), ("127.0.0.1", 1), "udp"))
-    one = handler.fast_answer(first.to_wire())
+    one = handler.hot_answer(first.to_wire())
     first.id = (first.id + 1) % 65536
-    two = handler.fast_answer(first.to_wire())
+    two = handler.hot_answer(first.to_wire())
     assert one is not None and two is not None and one[2:] == two[2:] and one[:2] != two[:2]
     assert dns.message.from_wire(two).id == first.id
     handler.pipeline = config_from(tmp_path, HOT_RULES.replace("192.0.2.7", "192.0.2.8")).pipeline()
-    assert handler.fast_answer(first.to_wire()) is None  # nothing remembered across a reload
+    assert handler.hot_answer(first.to_wire()) is None  # nothing remembered across a reload
 
 
 def leading_cache(handler: QueryHandler) -> CacheStage:
@@ -379,22 +379,22 @@ def test_a_remembered_reply_ages_with_its_cache_entry(
     clock, handler, wire = cached_once(tmp_path, monkeypatch, query=query)
     for age in (0, 1, 2, 7, 59):
         clock.now = 1000.0 + age + 0.05
-        remembered = handler.fast_answer(wire)
-        afresh = QueryHandler(handler.pipeline).fast_answer(wire)  # same cache, empty memo
+        remembered = handler.hot_answer(wire)
+        afresh = QueryHandler(handler.pipeline).hot_answer(wire)  # same cache, empty memo
         assert remembered is not None and remembered == afresh
         assert dns.message.from_wire(remembered).answer[0].ttl == 60 - age
     clock.now = 1060.5
-    assert handler.fast_answer(wire) is None  # the entry expired: the full path asks again
+    assert handler.hot_answer(wire) is None  # the entry expired: the full path asks again
 
 
 def test_a_remembered_reply_goes_with_its_evicted_entry(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock, handler, wire = cached_once(tmp_path, monkeypatch)
-    assert handler.fast_answer(wire) is not None
+    assert handler.hot_answer(wire) is not None
     leading_cache(handler).entries.clear()
     clock.now += 1.0
-    assert handler.fast_answer(wire) is None
+    assert handler.hot_answer(wire) is None
 
 
 def test_a_remembered_truncated_reply_is_renewed_unchanged(
@@ -405,22 +405,22 @@ def test_a_remembered_truncated_reply_is_renewed_unchanged(
     answers = ", ".join(f"'{{{{ name }}}} 60 IN A 192.0.2.{i}'" for i in range(40))
     rules = HOT_RULES.replace("['{{ name }} 60 IN A 192.0.2.7']", f"[{answers}]")
     clock, handler, wire = cached_once(tmp_path, monkeypatch, rules)
-    first = handler.fast_answer(wire)
+    first = handler.hot_answer(wire)
     assert first is not None and dns.message.from_wire(first).flags & dns.flags.TC
     clock.now += 3.0
-    assert handler.fast_answer(wire) == first
+    assert handler.hot_answer(wire) == first
 
 
 def test_remembered_serves_only_a_valid_reply_and_nothing_while_the_query_log_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock, handler, wire = cached_once(tmp_path, monkeypatch)
-    assert handler.remembered(wire, clock.now) is None  # nothing remembered before fast_answer
-    fast = handler.fast_answer(wire)
-    assert fast is not None and handler.remembered(wire, clock.now) == fast
-    assert handler.remembered(wire, clock.now + 1.0) is None  # past its second: fast_answer renews
-    handler.fast_enabled = False  # the query log must see every query
-    assert handler.remembered(wire, clock.now) is None
+    assert handler.hot_answer_known(wire, clock.now) is None  # nothing remembered before hot_answer
+    fast = handler.hot_answer(wire)
+    assert fast is not None and handler.hot_answer_known(wire, clock.now) == fast
+    assert handler.hot_answer_known(wire, clock.now + 1.0) is None  # past its second: hot_answer renews
+    handler.hot_enabled = False  # the query log must see every query
+    assert handler.hot_answer_known(wire, clock.now) is None
 
 
 def test_ttls_never_rise_behind_a_clamping_cache_in_a_cname_chain(tmp_path: Path) -> None:

@@ -168,7 +168,7 @@ def hot(handler: QueryHandler, name: str, qtype: str = "A") -> dns.message.Messa
     """The reply by the hot path (a cache hit) built afresh from the cache entry (an
     empty reply memo: the memo's own renewal is the handler's business); fails on a miss."""
     wire = dns.message.make_query(name, qtype, use_edns=0).to_wire()
-    data = QueryHandler(handler.pipeline).fast_answer(wire)
+    data = QueryHandler(handler.pipeline).hot_answer(wire)
     assert data is not None, "expected a cache hit"
     return dns.message.from_wire(data)
 

@@ -306,10 +306,10 @@ def test_the_watch_forgets_on_a_link_change_and_the_hot_path_forgets_too() -> No
     query = dns.message.make_query("nodeb.mydomain.tld.", "A").to_wire()
     first = asyncio.run(handler.handle(query, ("127.0.0.1", 5), "udp"))
     assert first is not None and NODEB in str(dns.message.from_wire(first))
-    assert handler.fast_answer(query) is not None  # served from the hot path now
+    assert handler.hot_answer(query) is not None  # served from the hot path now
     method.present = False
     watch._link_changed("link eth0 down")
     assert watch.moves == {"link": 1} and watch.last is not None and "eth0" in watch.last[1]
-    assert handler.fast_answer(query) is None
+    assert handler.hot_answer(query) is None
     after = asyncio.run(handler.handle(query, ("127.0.0.1", 5), "udp"))
     assert after is not None and PUBLIC in str(dns.message.from_wire(after))

@@ -470,3 +470,18 @@ def test_a_negative_answer_carries_the_soa_with_the_negative_ttl(tmp_path: Path)
 def test_a_regex_runs_on_re_only_when_its_shape_bounds_its_time(source: str, bounded: bool) -> None:
     assert bounded_by_shape(source) is bounded
     assert isinstance(compile_pattern(source), re.Pattern) is bounded
+
+
+def test_private_regex_parser_shape() -> None:
+    """bounded_by_shape reads re's private parser (no public one exists): pin the shape
+    it relies on, so a Python release that changes it fails here, not silently."""
+    from re import _parser  # type: ignore[attr-defined]
+
+    tree = list(_parser.parse(r"^(a|b)+c"))
+    ops = [op for op, _av in tree]
+    assert ops == [_parser.AT, _parser.MAX_REPEAT, _parser.LITERAL]
+    assert tree[0][1] == _parser.AT_BEGINNING
+    low, high, body = tree[1][1]
+    assert (low, high) == (1, _parser.MAXREPEAT)
+    assert [op for op, _av in body] == [_parser.SUBPATTERN]
+    assert tree[2][1] == ord("c")

@@ -192,20 +192,20 @@ def test_a_burst_mixing_cached_and_new_names_is_answered_in_full(
         assert reply.rcode() == dns.rcode.NOERROR
         assert reply.question[0].name.to_text() == f"n{n}.mydomain.tld."
         assert [r.address for r in reply.answer[0]] == [f"100.64.0.{n}"]
-    assert handler.fast_hits >= count // 2 - 1  # the odd ones came from the hot path
+    assert handler.hot_hits >= count // 2 - 1  # the odd ones came from the hot path
 
 
 def test_a_datagram_that_breaks_the_listener_costs_only_itself(tmp_path: Path) -> None:
     config = config_from(tmp_path, RULES)
     handler = QueryHandler(config.pipeline())
-    fast_answer = handler.fast_answer
+    hot_answer = handler.hot_answer
 
     def breaks_on_n13(data: bytes, tcp: bool = False) -> bytes | None:
         if b"\x03n13" in data:
             raise RuntimeError("a bug")
-        return fast_answer(data, tcp)
+        return hot_answer(data, tcp)
 
-    handler.fast_answer = breaks_on_n13  # type: ignore[method-assign]
+    handler.hot_answer = breaks_on_n13  # type: ignore[method-assign]
     server = DnsServer(handler, [ListenAddress("127.0.0.1", 0)], TcpLimits(), batched=True)
 
     async def scenario() -> set[int]:
@@ -261,7 +261,7 @@ def test_a_remembered_reply_still_obeys_the_allow_list_and_shutdown(tmp_path: Pa
 
     remembered, refused, stopping = asyncio.run(scenario())
     assert remembered is not None and dns.message.from_wire(remembered).answer
-    assert handler.fast_hits >= 1
+    assert handler.hot_hits >= 1
     assert refused is None and stopping is None
 
 
@@ -283,7 +283,7 @@ def test_a_client_off_loopback_is_rate_limited_before_its_remembered_reply(
         await server.start()
         try:
             await handler.handle(wire, None, "udp")
-            assert handler.fast_answer(wire) is not None  # remembered from now on
+            assert handler.hot_answer(wire) is not None  # remembered from now on
             return [await udp_exchange(server.bound[0].port, wire, 1.0) for _ in range(2)]
         finally:
             await server.stop(1)

@@ -46,7 +46,7 @@ from horizon_dns.core.names import MAX_LABEL, MAX_NAME_WIRE, text_to_name
 from horizon_dns.core.pipeline import Pipeline, Zone
 from horizon_dns.core.stage import Stage
 from horizon_dns.core.wire import RCODE_NAMES
-from horizon_dns.errors import ConfigError, ConfigIssue
+from horizon_dns.errors import ConfigError, ConfigIssue, Error
 from horizon_dns.stages import REGISTRY, BuildContext
 
 DEFAULT_LISTEN = ("127.0.0.1:5300", "[::1]:5300")
@@ -120,7 +120,7 @@ def parse_listen(text: str) -> ListenAddress:
     return ListenAddress(host, port)
 
 
-class BadName(ValueError):
+class BadName(Error, ValueError):
     """A zone name that is not a domain name; ``hint`` says how to write it."""
 
     def __init__(self, message: str, hint: str) -> None:

@@ -29,10 +29,10 @@ class Acl:
     def update(self, networks: Iterable[str]) -> None:
         """Allow exactly ``networks`` from now on (a reload changed the list)."""
         self.networks = [ipaddress.ip_network(n, strict=False) for n in networks]
-        self._memo: dict[str, bool] = {}
+        self._hot_replies: dict[str, bool] = {}
 
     def allows(self, ip: str) -> bool:
-        verdict = self._memo.get(ip)
+        verdict = self._hot_replies.get(ip)
         if verdict is None:
             try:
                 address = ipaddress.ip_address(ip.split("%")[0])
@@ -43,7 +43,7 @@ class Acl:
             verdict = address is not None and any(
                 address.version == n.version and address in n for n in self.networks
             )
-            remember(self._memo, ip, verdict, _MEMO_LIMIT)
+            remember(self._hot_replies, ip, verdict, _MEMO_LIMIT)
         return verdict
 
 

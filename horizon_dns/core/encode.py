@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from horizon_dns.core.edns import encode_opt
 from horizon_dns.core.message import Query, Reply
 from horizon_dns.core.packed import (
     CLASSIC_UDP_LIMIT,
     DEFAULT_UDP_PAYLOAD,
     TCP_LIMIT,
     Packed,
-    encode_opt,
     from_message,
     pack_records,
     serve,

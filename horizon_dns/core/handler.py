@@ -5,19 +5,20 @@ bytes, or None when the message deserves silence (too short, QR=1). It never
 raises: a stage that raises is logged and answered with SERVFAIL, so every
 transport can stay a thin loop around this call.
 
-``QueryHandler.fast_answer(data, tcp)`` is the synchronous hot path (and
-``remembered(data, now)`` its first step alone, for a batch): for the
-common query shape (one question, at most an OPT right behind it) in a zone whose
-first stage is a cache holding a fresh entry, it returns the reply bytes without
-decoding to objects, creating a task or awaiting; for anything else it returns
-None and the caller takes the full path. Both paths give the same bytes.
+``QueryHandler.hot_answer(data, tcp)`` is the synchronous hot path (and
+``hot_answer_known(data, now)`` its first step alone, for a batch): for the
+common query shape (``wire.scan_common``, which the full path reads queries
+through too) in a zone whose first stage is a cache holding a fresh entry, it
+returns the reply bytes without decoding to objects, creating a task or
+awaiting; for anything else it returns None and the caller takes the full path.
+It returns nothing or exactly the full path's bytes: ``tests/test_hot_path.py``
+checks that for any bytes, cache state and client (DECISIONS.md 5).
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-import struct
 import time
 from collections.abc import Callable
 
@@ -25,6 +26,7 @@ from dnslib import RR, TXT
 
 from horizon_dns.core.bounded import remember
 from horizon_dns.core.clock import now as clock_now
+from horizon_dns.core.edns import EDE_OTHER, OPTION_NSID, encode_opt, find_option
 from horizon_dns.core.encode import (
     CLASSIC_UDP_LIMIT,
     DEFAULT_UDP_PAYLOAD,
@@ -33,28 +35,26 @@ from horizon_dns.core.encode import (
     udp_limit,
 )
 from horizon_dns.core.message import Outcome, Query, Reply, qtype_name
-from horizon_dns.core.packed import encode_opt, lower_ttls, serve
-from horizon_dns.core.pipeline import EDE_OTHER, Pipeline
-from horizon_dns.core.stage import FastCache
+from horizon_dns.core.packed import lower_ttls, serve
+from horizon_dns.core.pipeline import Pipeline
+from horizon_dns.core.stage import HotCache
 from horizon_dns.core.stats import Histogram
 from horizon_dns.core.wire import (
     BADVERS,
     CD,
-    EDNS_DO,
     FORMERR,
     HEADER,
     NOERROR,
     NOTIMP,
-    RR_FIXED,
     SERVFAIL,
-    TYPE_OPT,
     Drop,
     FormatError,
     NotImplementedOpcode,
+    cache_key,
     decode_query,
     encode_error,
+    scan_common,
 )
-from horizon_dns.core.wire import question_end as find_question_end
 
 log = logging.getLogger("horizon_dns.handler")
 
@@ -89,57 +89,39 @@ CLASS_CH, TYPE_TXT = 3, 16
 _TYPE_LABELS = {
     code: name for code, name in ((c, qtype_name(c)) for c in range(1, 260)) if name in COUNTED_TYPES
 }
-NSID_OPTION = 3  # RFC 5001
-MEMO_SIZE = 4096  # the hot set; beyond it the cache's own path (~3 µs more) serves
+HOT_REPLIES_MAX = 4096  # the hot set; beyond it the cache's own path (~3 µs more) serves
 
 
-def has_option(options: bytes, code: int) -> bool:
-    """Whether EDNS option ``code`` is among an OPT record's options (RFC 6891 §6.1.2)."""
-    offset = 0
-    while offset + 4 <= len(options):
-        option, length = struct.unpack_from("!HH", options, offset)
-        if option == code:
-            return True
-        offset += 4 + length
-    return False
-
-
-#: A reply the hot path remembers for one query's bytes after the ID: (valid until,
+#: A reply the hot path keeps for one query's bytes after the ID: (exact until,
 #: reply bytes after the ID, where its records start in them, the TTL offsets from
 #: there, and the cache, key, entry and entry age in seconds it was built from).
-Remembered = tuple[float, bytes, int, tuple[int, ...], FastCache, bytes, object, int]
+HotReply = tuple[float, bytes, int, tuple[int, ...], HotCache, bytes, object, int]
 
 
-def _memo_lifetime(tail: bytes) -> float:
-    """0.5-1 s, spread by the query's hash: names first asked together must not all
-    be renewed in the same millisecond, every second."""
-    return 1.0 - (hash(tail) & 511) / 1024
-
-
-def _renewed(remembered: Remembered, now: float, lifetime: float) -> Remembered | None:
-    """The remembered reply with its TTLs aged to now, while its cache entry is still
+def _renewed(known: HotReply) -> HotReply | None:
+    """The kept reply with its TTLs aged to now, while its cache entry is still
     current and fresh; None when the reply must be built again."""
-    _valid, reply, base, ttls, cache, key, entry, age = remembered
+    _valid, reply, base, ttls, cache, key, entry, age = known
     current = cache.current_age(key, entry)
     if current is None:
         return None
-    now_age, expires = current
+    now_age, until = current
     # RFC 1035 §3.2.1: the TTLs the client sees count down with the entry's age.
     reply = lower_ttls(reply, ttls, now_age - age, base)
-    return (min(now + lifetime, expires), reply, base, ttls, cache, key, entry, now_age)
+    return (until, reply, base, ttls, cache, key, entry, now_age)
 
 
 class QueryHandler:
     """Decodes, resolves through the current pipeline, encodes."""
 
     def __init__(self, pipeline: Pipeline, udp_payload: int = DEFAULT_UDP_PAYLOAD, nsid: str = "") -> None:
-        # Query bytes after the ID -> a Remembered reply: the same question with the
-        # same flags and EDNS gets the same bytes for up to a second (TTLs then age by
-        # at most 1 s), then the same bytes with their TTLs lowered while the cache
+        # Query bytes after the ID -> a HotReply: the same question with the
+        # same flags and EDNS gets the same bytes until its cache entry's age changes
+        # (at most a second), then those bytes with their TTLs lowered while the cache
         # entry they came from stays. One dict lookup instead of a scan.
         # Kept apart per transport: a UDP reply may be truncated where a TCP one is not.
-        self._memo: dict[bytes, Remembered] = {}
-        self._memo_tcp: dict[bytes, Remembered] = {}
+        self._hot_replies: dict[bytes, HotReply] = {}
+        self._hot_replies_tcp: dict[bytes, HotReply] = {}
         self._pipeline = pipeline
         self.udp_payload = udp_payload
         #: RFC 5001: what `dig +nsid` is told; the node's name, so it says which node answered.
@@ -152,10 +134,10 @@ class QueryHandler:
         self.durations: dict[str, Histogram] = collections.defaultdict(Histogram)
         self.malformed: collections.Counter[str] = collections.Counter()
         self.observers: list[ReplyObserver] = []
-        self._fast_enabled = True
+        self._hot_enabled = True
         #: Whether the hot path may answer at all, kept as one flag: it is read per query.
-        self._fast = pipeline.has_fast_path
-        self.fast_hits = 0
+        self._hot = pipeline.has_hot_path
+        self.hot_hits = 0
 
     @property
     def pipeline(self) -> Pipeline:
@@ -163,111 +145,96 @@ class QueryHandler:
 
     @pipeline.setter
     def pipeline(self, pipeline: Pipeline) -> None:
-        """A reload: remembered replies belong to the old configuration."""
+        """A reload: the hot path's replies belong to the old configuration."""
         self._pipeline = pipeline
-        self._fast = self._fast_enabled and pipeline.has_fast_path
-        self.forget_remembered()
+        self._hot = self._hot_enabled and pipeline.has_hot_path
+        self.forget_hot_replies()
 
     @property
-    def fast_enabled(self) -> bool:
+    def hot_enabled(self) -> bool:
         """False while something must see every query (the query log): all take the full path."""
-        return self._fast_enabled
+        return self._hot_enabled
 
-    @fast_enabled.setter
-    def fast_enabled(self, enabled: bool) -> None:
-        self._fast_enabled = enabled
-        self._fast = enabled and self._pipeline.has_fast_path
+    @hot_enabled.setter
+    def hot_enabled(self, enabled: bool) -> None:
+        self._hot_enabled = enabled
+        self._hot = enabled and self._pipeline.has_hot_path
 
-    def forget_remembered(self) -> None:
-        """Drop every remembered reply (the horizon moved: their entries are gone)."""
-        self._memo = {}
-        self._memo_tcp = {}
+    def forget_hot_replies(self) -> None:
+        """Drop every reply the hot path keeps (the horizon moved: their entries are gone)."""
+        self._hot_replies = {}
+        self._hot_replies_tcp = {}
 
-    def remembered(self, data: bytes, now: float) -> bytes | None:
-        """The UDP reply remembered for ``data`` and still valid at ``now``, or None.
+    def hot_answer_known(self, data: bytes, now: float) -> bytes | None:
+        """The UDP reply the hot path keeps for ``data``, still valid at ``now``, or None.
 
         The first try of the batched listener, for clients it has already screened:
         one dict lookup, no parsing. Everything else (renewal included) is
-        ``fast_answer``'s."""
-        if not self._fast:
+        ``hot_answer``'s."""
+        if not self._hot:
             return None
-        remembered = self._memo.get(data[2:])
-        if remembered is None or remembered[0] <= now:
+        known = self._hot_replies.get(data[2:])
+        if known is None or known[0] <= now:
             return None
-        self.fast_hits += 1
-        return data[:2] + remembered[1]
+        self.hot_hits += 1
+        return data[:2] + known[1]
 
-    def fast_answer(self, data: bytes, tcp: bool = False) -> bytes | None:
+    def hot_answer(self, data: bytes, tcp: bool = False) -> bytes | None:
         """The reply from a leading cache's fresh entry, or None to take the full path."""
-        if not self._fast:
+        if not self._hot:
             return None
-        memo = self._memo_tcp if tcp else self._memo
+        replies = self._hot_replies_tcp if tcp else self._hot_replies
         tail = data[2:]
-        remembered = memo.get(tail)
-        if remembered is not None:
+        known = replies.get(tail)
+        if known is not None:
             now = clock_now()
-            if remembered[0] > now:
-                self.fast_hits += 1
-                return data[:2] + remembered[1]
-            renewed = _renewed(remembered, now, _memo_lifetime(tail))
+            if known[0] > now:
+                self.hot_hits += 1
+                return data[:2] + known[1]
+            renewed = _renewed(known)
             if renewed is not None:
-                memo[tail] = renewed
-                self.fast_hits += 1
+                replies[tail] = renewed
+                self.hot_hits += 1
                 return data[:2] + renewed[1]
-            del memo[tail]
-        size = len(data)
-        if size < 17:
+            del replies[tail]
+        common = scan_common(data)
+        if common is None:
             return None
-        msg_id, flags, qdcount, ancount, nscount, arcount = HEADER.unpack_from(data)
-        # QR=0, opcode QUERY, one question, nothing but an optional OPT after it.
-        if flags & 0xF800 or qdcount != 1 or ancount or nscount or arcount > 1:
-            return None
-        question_end = find_question_end(data)
-        if question_end is None:
-            return None
-        offset = question_end - 5  # the root label ending the name
-        if arcount:
-            # RFC 6891 §6.1.1: the OPT of a well-formed query; anything else is decoded fully.
-            if size < question_end + 11 or data[question_end] != 0:
-                return None
-            rtype, payload, ttl, rdlength = RR_FIXED.unpack_from(data, question_end + 1)
-            if rtype != TYPE_OPT or question_end + 11 + rdlength != size or ttl & 0xFF0000:
-                return None
-            if rdlength and has_option(data[question_end + 11 :], NSID_OPTION):
+        msg_id, flags, root, payload, do, options = common
+        if payload >= 0:
+            if options and find_option(options, OPTION_NSID) is not None:
                 return None  # the full path adds the NSID
-            do = bool(ttl & EDNS_DO)
             limit = TCP_LIMIT if tcp else max(CLASSIC_UDP_LIMIT, min(payload, self.udp_payload))
         else:
-            if question_end != size:
-                return None
-            do = False
             limit = TCP_LIMIT if tcp else CLASSIC_UDP_LIMIT
-        lower = data[12 : offset + 1].lower()
+        question_end = root + 5
+        if data[question_end - 1] == CLASS_CH:
+            return None  # CHAOS names the full path answers itself (RFC 4892)
+        lower = data[12 : root + 1].lower()
         found = self.pipeline.zone_for_wire(lower)
         if found is None:
             return None
         zone, cache = found
         if cache is None:
             return None
-        key = lower + data[offset + 1 : question_end] + (b"\x02" if do else b"\x00")
-        if flags & CD:
-            key = key[:-1] + bytes([key[-1] | 1])
+        key = cache_key(lower, data[root + 1 : question_end], do, bool(flags & CD))
         hit = cache.serve_fresh(key)
         if hit is None:
             return None
         # A final reply: chased and fallen back before it was stored.
-        packed, body, expires, entry, age = hit
+        packed, body, until, entry, age = hit
         opt = b""
-        if arcount:
+        if payload >= 0:
             opt = encode_opt(self.udp_payload, packed.rcode, do, packed.ede)
-        self.fast_hits += 1
+        self.hot_hits += 1
         question = data[12:question_end]
         reply = serve(msg_id, flags, question, packed, opt, limit, zone.recursion_available, body)
         # Where the records start in the reply bytes after the ID; a truncated reply has none.
         base = HEADER.size - 2 + len(question)
         ttls = packed.ttl_offsets if len(reply) > base + 2 + len(opt) else ()
-        valid = min(clock_now() + _memo_lifetime(tail), expires)
-        remember(memo, tail, (valid, reply[2:], base, ttls, cache, key, entry, age), MEMO_SIZE)
+        # Kept exactly as long as the full path would build the same bytes: until the
+        # entry's age (hence every TTL) next changes, or it expires.
+        remember(replies, tail, (until, reply[2:], base, ttls, cache, key, entry, age), HOT_REPLIES_MAX)
         return reply
 
     async def handle(self, data: bytes, client: tuple[str, int] | None, transport: str) -> bytes | None:
@@ -338,7 +305,7 @@ class QueryHandler:
         for observer in self.observers:
             observer(query, reply, zone_name, elapsed)
         nsid = None
-        if self.nsid and query.edns is not None and has_option(query.edns.options, NSID_OPTION):
+        if self.nsid and query.edns is not None and find_option(query.edns.options, OPTION_NSID) is not None:
             nsid = self.nsid
         try:
             return encode_reply(query, reply, limit, recursion, self.udp_payload, nsid)

@@ -28,12 +28,11 @@ from dataclasses import dataclass, replace
 
 from dnslib import RR, DNSBuffer, DNSLabel
 
-from horizon_dns.core.bounded import remember
+from horizon_dns.core.edns import read_ede
 from horizon_dns.core.wire import (
     AA,
     AD,
     CD,
-    EDNS_DO,
     HEADER,
     NOERROR,
     NXDOMAIN,
@@ -48,8 +47,6 @@ from horizon_dns.core.wire import (
 )
 
 _TTL = struct.Struct("!I")
-_EDE = 15  # RFC 8914 §2 option code
-_NSID = 3  # RFC 5001 §2.3
 TYPE_SOA = 6
 #: RFC 2181 §8: a TTL is 31 bits; one with the high bit set is read as 0.
 TTL_MAX = 0x7FFFFFFF
@@ -263,7 +260,7 @@ def from_upstream(data: bytes, question_end: int) -> Packed:
                 raise ValueError("more than one OPT record")
             opt_span = (start, offset)
             rcode |= (ttl >> 24) << 4  # RFC 6891 §6.1.3: upper 8 bits of the rcode
-            ede = _find_ede(data[fixed + 10 : offset])
+            ede = read_ede(data[fixed + 10 : offset])
     message = data[:offset]
     if opt_span is not None:
         if opt_span[1] != offset:
@@ -271,48 +268,6 @@ def from_upstream(data: bytes, question_end: int) -> Packed:
         message = data[: opt_span[0]]
         arcount -= 1
     return from_message(message, question_end, (ancount, nscount, arcount), rcode, flags, ede)
-
-
-def _find_ede(options: bytes) -> tuple[int, str] | None:
-    offset = 0
-    while offset + 4 <= len(options):
-        code, length = struct.unpack_from("!HH", options, offset)
-        value = options[offset + 4 : offset + 4 + length]
-        if code == _EDE and length >= 2:
-            return int.from_bytes(value[:2], "big"), value[2:].decode("utf-8", "replace")
-        offset += 4 + length
-    return None
-
-
-_OPTS: dict[tuple[int, int, bool, tuple[int, str] | None, bytes | None], bytes] = {}
-
-
-def encode_opt(
-    payload: int, rcode: int, do: bool, ede: tuple[int, str] | None, nsid: bytes | None = None
-) -> bytes:
-    """Our OPT record (RFC 6891 §6.1.2): root owner, payload in CLASS, flags in TTL.
-
-    Options: NSID (RFC 5001, code 3) when given, Extended DNS Error (RFC 8914) when set.
-    Remembered: a server sends the same few OPT records over and over.
-    """
-    key = (payload, rcode, do, ede, nsid)
-    opt = _OPTS.get(key)
-    if opt is None:
-        # Bounded: EDE texts from upstreams may carry names.
-        opt = remember(_OPTS, key, _build_opt(payload, rcode, do, ede, nsid), 1024)
-    return opt
-
-
-def _build_opt(payload: int, rcode: int, do: bool, ede: tuple[int, str] | None, nsid: bytes | None) -> bytes:
-    options = b""
-    if nsid:
-        options += _NSID.to_bytes(2, "big") + len(nsid).to_bytes(2, "big") + nsid
-    if ede is not None:
-        code, text = ede
-        value = code.to_bytes(2, "big") + text.encode("utf-8")
-        options += _EDE.to_bytes(2, "big") + len(value).to_bytes(2, "big") + value
-    ttl = ((rcode >> 4) << 24) | (EDNS_DO if do else 0)
-    return b"\x00" + RR_FIXED.pack(TYPE_OPT, payload, ttl, len(options)) + options
 
 
 def response_flags(query_flags: int, packed_flags: int, rcode: int, recursion_available: bool) -> int:

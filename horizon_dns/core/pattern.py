@@ -24,8 +24,16 @@ compiled:
 from __future__ import annotations
 
 import re
-from re import _parser  # type: ignore[attr-defined]  # the parser re itself uses
+
+# No public module parses a regex into its tree: re._parser (sre_parse before 3.11,
+# where the deprecated public alias still exists) is the one re itself uses. Its
+# shape is pinned by tests/test_template.py (test_private_regex_parser_shape); if a
+# Python release changes it, bounded_by_shape() returns False and every rule falls
+# back to the regex engine's timeout -- slower, never unbounded.
+from re import _parser  # type: ignore[attr-defined]
 from typing import TYPE_CHECKING, Any, TypeAlias
+
+from horizon_dns.errors import Error
 
 if TYPE_CHECKING:
     import regex
@@ -39,11 +47,11 @@ else:
 MATCH_TIMEOUT = 0.01
 
 
-class PatternError(ValueError):
+class PatternError(Error, ValueError):
     """A regex that does not compile; the message says why."""
 
 
-class PatternTimeout(Exception):
+class PatternTimeout(Error):
     """A search that took longer than :data:`MATCH_TIMEOUT` (catastrophic backtracking)."""
 
 

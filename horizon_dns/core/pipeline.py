@@ -26,12 +26,13 @@ from typing import Any
 
 from dnslib import QTYPE, RR
 
+from horizon_dns.core.edns import EDE_NOT_AUTHORITATIVE, EDE_NOT_SUPPORTED, EDE_OTHER, EDE_PROHIBITED
 from horizon_dns.core.encode import as_records
 from horizon_dns.core.loop import LoopGuard
 from horizon_dns.core.message import Outcome, Query, Reply
 from horizon_dns.core.names import name_to_text, text_to_name
 from horizon_dns.core.packed import TYPE_SOA
-from horizon_dns.core.stage import FastCache, Next, Stage
+from horizon_dns.core.stage import HotCache, Next, Stage
 from horizon_dns.core.stats import Histogram
 from horizon_dns.core.ttl import ttl_rule
 from horizon_dns.core.wire import CLASS_IN, NOERROR, NXDOMAIN, REFUSED, SERVFAIL, rcode_name
@@ -40,13 +41,6 @@ MAX_CNAME_DEPTH = 8
 TYPE_CNAME = 5  # RFC 1035 §3.2.2; a plain int: dnslib's QTYPE.CNAME is a slow lookup per use
 _NO_CHASE = frozenset({TYPE_CNAME, QTYPE.ANY})
 _ZONE_TRANSFERS = frozenset({251, 252})  # IXFR, AXFR: our zones are synthesized, nothing to transfer
-
-
-# RFC 8914 §4 info-codes used here.
-EDE_OTHER = 0
-EDE_PROHIBITED = 18
-EDE_NOT_AUTHORITATIVE = 20
-EDE_NOT_SUPPORTED = 21
 
 
 @dataclass(slots=True)
@@ -68,14 +62,14 @@ class Zone:
     timings: dict[str, Histogram] = field(init=False)
     #: A cache first in the zone holds *final* replies (after CNAME chasing and
     #: fallback), so the hot path can serve them as they are.
-    leading_cache: FastCache | None = field(init=False)
+    leading_cache: HotCache | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.timings = {stage.name: Histogram() for stage in self.stages}
         self.chain = _build_chain(self, list(self.stages))
         self.recursion_available = any(stage.recurses for stage in self.stages)
         first = self.stages[0] if self.stages else None
-        self.leading_cache = first if isinstance(first, FastCache) else None
+        self.leading_cache = first if isinstance(first, HotCache) else None
         if self.leading_cache is not None:
             self.leading_cache.leading = True
 
@@ -200,15 +194,13 @@ class Pipeline:
         self.max_cname_depth = max_cname_depth
         self.guard = guard or LoopGuard()
         # Lowercased wire apex -> (zone, its leading cache stage or None), for the hot path.
-        self.by_wire: dict[bytes, tuple[Zone, FastCache | None]] = {}
+        self.by_wire: dict[bytes, tuple[Zone, HotCache | None]] = {}
         for name, zone in self.zones.items():
-            first = zone.stages[0] if zone.stages else None
-            leading_cache = first if isinstance(first, FastCache) else None
-            self.by_wire[text_to_name(name)] = (zone, leading_cache)
+            self.by_wire[text_to_name(name)] = (zone, zone.leading_cache)
         #: Some zone starts with a cache: only then can the hot path answer anything.
-        self.has_fast_path = any(cache is not None for _zone, cache in self.by_wire.values())
+        self.has_hot_path = any(cache is not None for _zone, cache in self.by_wire.values())
 
-    def zone_for_wire(self, lower_wire: bytes) -> tuple[Zone, FastCache | None] | None:
+    def zone_for_wire(self, lower_wire: bytes) -> tuple[Zone, HotCache | None] | None:
         """The zone of a lowercased wire name, by longest suffix; no text conversion."""
         by_wire = self.by_wire
         offset = 0
@@ -220,19 +212,6 @@ class Pipeline:
             if length == 0:
                 return None
             offset += 1 + length
-
-    def zone_for(self, name: str) -> Zone | None:
-        """The zone with the longest suffix of ``name`` (lowercase, trailing dot)."""
-        zones = self.zones
-        candidate = name
-        while True:
-            zone = zones.get(candidate)
-            if zone is not None:
-                return zone
-            if candidate == ".":
-                return None
-            dot = _next_label(candidate)
-            candidate = candidate[dot:] if dot < len(candidate) else "."
 
     @property
     def stages(self) -> list[Stage]:
@@ -359,20 +338,6 @@ def _tighter(a: int | None, b: int | None) -> int | None:
     if a is None:
         return b
     return a if b is None else min(a, b)
-
-
-def _next_label(name: str) -> int:
-    """Index just past the first label of a presentation name (escapes respected)."""
-    i = 0
-    while i < len(name):
-        ch = name[i]
-        if ch == "\\":
-            i += 4 if name[i + 1 : i + 4].isdigit() else 2
-            continue
-        if ch == ".":
-            return i + 1
-        i += 1
-    return len(name)
 
 
 def _wire(label: Any) -> bytes:

@@ -53,7 +53,7 @@ class OverlayDerived(Protocol):
 
 
 @runtime_checkable
-class FastCache(Protocol):
+class HotCache(Protocol):
     """A cache that can lead a zone: it stores final replies and answers from bytes."""
 
     name: str
@@ -61,9 +61,12 @@ class FastCache(Protocol):
     leading: bool
 
     def serve_fresh(self, key: bytes) -> tuple[Packed, bytes, float, object, int] | None:
-        """(shape, aged body, expires, entry, age in seconds) of a fresh entry, or None."""
+        """(shape, aged body, exact until, entry, age in seconds) of a fresh entry, or None.
+
+        The aged body stays exactly what a hit would serve until "exact until": the
+        moment the entry's age next changes, or it expires."""
 
     def current_age(self, key: bytes, entry: object) -> tuple[int, float] | None:
-        """(age, expires) while ``entry`` is still the fresh entry of ``key``, else None."""
+        """(age, until when it holds) while ``entry`` is still the fresh entry of ``key``."""
 
     def store_final(self, query: Query, reply: Reply) -> None: ...

@@ -19,6 +19,7 @@ import struct
 
 from horizon_dns.core.message import Edns, Query
 from horizon_dns.core.names import MAX_LABEL, MAX_NAME_WIRE
+from horizon_dns.errors import Error
 
 HEADER = struct.Struct("!HHHHHH")
 _QTAIL = struct.Struct("!HH")
@@ -56,11 +57,11 @@ CLASS_IN = 1
 EDNS_DO = 0x8000
 
 
-class Drop(Exception):
+class Drop(Error):
     """The message gets no reply at all."""
 
 
-class NotImplementedOpcode(Exception):
+class NotImplementedOpcode(Error):
     """The opcode is not QUERY; the edge answers NOTIMP (with OPT if the message had one)."""
 
     def __init__(self, msg_id: int, flags: int, edns: Edns | None = None) -> None:
@@ -70,7 +71,7 @@ class NotImplementedOpcode(Exception):
         self.edns = edns
 
 
-class FormatError(Exception):
+class FormatError(Error):
     """The header decoded, the rest did not; the edge answers FORMERR (with OPT if readable)."""
 
     def __init__(self, msg_id: int, flags: int, why: str, edns: Edns | None = None) -> None:
@@ -124,8 +125,86 @@ def skip_name(data: bytes, offset: int) -> int:
         offset += 1 + length
 
 
+#: The cache key's last byte: DO (2) and CD (1), which change what a reply holds.
+_KEY_BITS = (b"\x00", b"\x01", b"\x02", b"\x03")
+
+
+def cache_key(lower_name: bytes, type_class: bytes, do: bool, cd: bool) -> bytes:
+    """The key of a question in every cache: its lowercased wire name (RFC 4343), its
+    type and class as sent, and the DO and CD bits. The one definition the hot path
+    and the full path share."""
+    return lower_name + type_class + _KEY_BITS[(2 if do else 0) | (1 if cd else 0)]
+
+
+#: What :func:`scan_common` reads from a query of the common shape: (ID, flags,
+#: offset of the root label ending the question name, OPT payload or -1 without
+#: OPT, DO bit, OPT options). The question ends 5 bytes after the root label.
+Common = tuple[int, int, int, int, bool, bytes]
+
+
+def scan_common(data: bytes) -> Common | None:
+    """Read a query of the common shape, or None for any other message.
+
+    The common shape: QR=0, opcode QUERY, one uncompressed question and nothing
+    after it but at most one version-0 OPT owned by the root that ends the message
+    (RFC 6891 §6.1.1). Both the hot path and :func:`decode_query` read queries
+    through this function, so they cannot disagree on what a query says; every
+    message it declines is decoded (or refused) by ``decode_query``'s general path.
+    """
+    size = len(data)
+    if size < 17:
+        return None
+    msg_id, flags, qdcount, ancount, nscount, arcount = HEADER.unpack_from(data)
+    if flags & (QR | OPCODE_MASK) or qdcount != 1 or ancount or nscount or arcount > 1:
+        return None
+    offset = HEADER.size
+    while True:
+        if offset >= size:
+            return None
+        length = data[offset]
+        if length == 0:
+            break
+        if length > MAX_LABEL:
+            return None
+        offset += 1 + length
+    if offset + 1 - HEADER.size > MAX_NAME_WIRE:
+        return None
+    end = offset + 5
+    if arcount:
+        if size < end + 11 or data[end] != 0:
+            return None
+        rtype, payload, ttl, rdlength = RR_FIXED.unpack_from(data, end + 1)
+        if rtype != TYPE_OPT or end + 11 + rdlength != size or ttl & 0xFF0000:
+            return None
+        do = bool(ttl & EDNS_DO)
+        options = data[end + 11 :]
+    elif end != size:
+        return None
+    else:
+        payload, do, options = -1, False, b""
+    return msg_id, flags, offset, payload, do, options
+
+
 def decode_query(data: bytes) -> Query:
     """Decode one query message. Raises Drop, NotImplementedOpcode or FormatError."""
+    common = scan_common(data)
+    if common is not None:
+        msg_id, flags, root, payload, do, options = common
+        qtype, qclass = _QTAIL.unpack_from(data, root + 1)
+        return Query(
+            msg_id=msg_id,
+            flags=flags,
+            qname_wire=data[HEADER.size : root + 1],
+            qtype=qtype,
+            qclass=qclass,
+            edns=Edns(payload, 0, do, options) if payload >= 0 else None,
+            question=data[HEADER.size : root + 5],
+        )
+    return _decode_any(data)
+
+
+def _decode_any(data: bytes) -> Query:
+    """``decode_query`` for every shape ``scan_common`` declines."""
     if len(data) < HEADER.size:
         raise Drop("shorter than a DNS header")
     msg_id, flags, qdcount, ancount, nscount, arcount = HEADER.unpack_from(data)

@@ -32,17 +32,17 @@ from dataclasses import dataclass, field
 from dnslib import AAAA, PTR, QTYPE, RR, A, DNSBuffer
 
 from horizon_dns.core.names import name_to_text
-from horizon_dns.core.wire import HEADER, read_name
+from horizon_dns.core.wire import AA, CLASS_IN, HEADER, OPCODE_MASK, QR, RD, TC, read_name
 
 LLMNR_PORT = 5355
 LLMNR_GROUP_V4 = "224.0.0.252"
 LLMNR_GROUP_V6 = "ff02::1:3"
 
-# RFC 4795 §2.1.1 header flags.
-QR, C_BIT, TC_BIT, T_BIT = 0x8000, 0x0400, 0x0200, 0x0100
+# RFC 4795 §2.1.1: LLMNR keeps the DNS header's layout (QR, opcode, TC where DNS has
+# them); its C (conflict) bit sits where DNS has AA, its T (tentative) bit where DNS has RD.
+C_BIT, T_BIT = AA, RD
 UDP_LIMIT = 512  # RFC 4795 §2.1: the size to keep UDP replies to "when in doubt"
-OPCODE_MASK = 0x7800
-CLASS_IN, CLASS_ANY = 1, 255
+CLASS_ANY = 255
 _QTAIL = struct.Struct("!HH")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -172,7 +172,7 @@ def decide(
         # the records that fit, TC set (§2.1.1) so the sender asks again over TCP.
         while records and len(reply) > UDP_LIMIT:
             records.pop()
-            reply = _pack(msg_id, out_flags | TC_BIT, question, records)
+            reply = _pack(msg_id, out_flags | TC, question, records)
         return reply, "truncated"
     return reply, "answered"
 

@@ -16,7 +16,8 @@ import ifaddr
 
 from horizon_dns.llmnr.responder import Interface, IPInterface
 
-IFF_UP, IFF_LOOPBACK, IFF_MULTICAST = 0x1, 0x8, 0x1000
+# Interface flags, <linux/if.h>.
+IFF_UP, IFF_LOOPBACK, IFF_RUNNING, IFF_MULTICAST = 0x1, 0x8, 0x40, 0x1000
 
 
 def _flags(name: str) -> int:

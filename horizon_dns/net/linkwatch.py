@@ -63,6 +63,8 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+from horizon_dns.net.interfaces import IFF_RUNNING, IFF_UP
+
 log = logging.getLogger("horizon_dns.net.linkwatch")
 
 # linux/netlink.h, linux/rtnetlink.h, linux/if_link.h, linux/if_addr.h, linux/if.h
@@ -74,7 +76,6 @@ RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
 RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR = 0x1, 0x10, 0x100
 IFLA_IFNAME, IFLA_OPERSTATE = 3, 16
 IFA_ADDRESS, IFA_LOCAL, IFA_LABEL = 1, 2, 3
-IFF_UP, IFF_RUNNING = 0x1, 0x40
 NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED and NLA_F_NET_BYTEORDER
 AF_UNSPEC, AF_INET, AF_INET6 = 0, 2, 10  # Linux's numbers, whatever the build platform
 

@@ -45,14 +45,12 @@ from typing import TypeVar
 
 from horizon_dns.core.clock import Clock, now
 from horizon_dns.core.names import text_to_name
-from horizon_dns.core.wire import HEADER
+from horizon_dns.core.wire import CLASS_IN, HEADER, QR
 from horizon_dns.errors import LocalLimit
 from horizon_dns.llmnr.responder import (
-    CLASS_IN,
     LLMNR_GROUP_V4,
     LLMNR_GROUP_V6,
     LLMNR_PORT,
-    QR,
     Interface,
     build_query,
 )

@@ -169,7 +169,7 @@ class TcpConnection(asyncio.Protocol):
                 if refusal is not None:
                     out.append(tcp_frame(refusal))
                 continue
-            reply = self.handler.fast_answer(message, tcp=True)
+            reply = self.handler.hot_answer(message, tcp=True)
             if reply is not None:
                 out.append(tcp_frame(reply))
                 continue

@@ -102,7 +102,7 @@ class UdpListener(asyncio.DatagramProtocol):
         if not _is_loopback(client) and not policy.limiter.allow(client):
             return short_reply(data, 0, truncated=True)
         # The hot path: a cached answer is sent from here, with no task and no await.
-        reply = self.handler.fast_answer(data)
+        reply = self.handler.hot_answer(data)
         if reply is not None:
             return reply
         if len(self.inflight.tasks) >= policy.max_inflight:
@@ -183,7 +183,7 @@ class BatchedUdpListener(UdpListener):
         message = batch.message
         queue = batch.queue
         immediate_reply = self.immediate_reply
-        remembered = self.handler.remembered
+        hot_answer_known = self.handler.hot_answer_known
         acl = self.acl
         for _round in range(self.ROUNDS):
             try:
@@ -207,10 +207,10 @@ class BatchedUdpListener(UdpListener):
                         sender = remember(senders, name, (address, _is_loopback(address[0])), _ADDRESS_MEMO)
                     addr, loopback = sender
                     # The local stub resolver's repeated questions: a loopback client the
-                    # allow list admits is never rate limited, so its remembered reply
+                    # allow list admits is never rate limited, so the reply the hot path keeps
                     # needs no other screening. A miss goes the whole way below.
                     if shortcut and loopback and (acl is None or acl.allows(addr[0])):
-                        reply = remembered(data, now)
+                        reply = hot_answer_known(data, now)
                         if reply is not None:
                             queue(i, reply)
                             continue

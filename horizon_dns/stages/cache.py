@@ -41,18 +41,18 @@ from dataclasses import replace
 from horizon_dns.config.source import Section, as_bool, int_range
 from horizon_dns.core import clock as clocks
 from horizon_dns.core.bounded import remember
+from horizon_dns.core.edns import EDE_STALE_ANSWER
 from horizon_dns.core.message import Outcome, Query, Reply
 from horizon_dns.core.packed import Packed, lower_ttls, with_ttls
 from horizon_dns.core.stage import Next
 from horizon_dns.core.stats import Sample, counter, gauge
 from horizon_dns.core.ttl import ttl_rule
-from horizon_dns.core.wire import CD, NOERROR, NXDOMAIN, SERVFAIL
+from horizon_dns.core.wire import CD, NOERROR, NXDOMAIN, SERVFAIL, cache_key
 from horizon_dns.stages.context import BuildContext
 
 STALE_TTL = 30  # RFC 8767 §4: "a TTL of 30 seconds is recommended"
 STALE_RECHECK = 30.0  # RFC 8767 §5: after a failed refresh, serve stale that long before retrying
-EDE_STALE_ANSWER = 3  # RFC 8914 §4.4
-_TAIL = struct.Struct("!HHB")
+_TYPE_CLASS = struct.Struct("!HH")
 
 
 # Stored and expires, in tenths of a second since the cache's epoch: 8 bytes an entry
@@ -99,14 +99,11 @@ class Entry:
         return self.shape[2] is not None
 
 
-def cache_key(qname_wire: bytes, qtype: int, qclass: int, do: bool, cd: bool) -> bytes:
-    """Lowercased wire name + type + class + DO/CD: the same for every case variant."""
-    return qname_wire.lower() + _TAIL.pack(qtype, qclass, (2 if do else 0) | (1 if cd else 0))
-
-
 def query_key(query: Query) -> bytes:
+    """The query's cache key, by the rule the hot path uses too (``wire.cache_key``)."""
     do = query.edns.do if query.edns is not None else False
-    return cache_key(query.qname_wire, query.qtype, query.qclass, do, bool(query.flags & CD))
+    type_class = _TYPE_CLASS.pack(query.qtype, query.qclass)
+    return cache_key(query.qname_wire.lower(), type_class, do, bool(query.flags & CD))
 
 
 class CacheStage:
@@ -179,38 +176,43 @@ class CacheStage:
     # The synchronous hot path ------------------------------------------------
 
     def serve_fresh(self, key: bytes) -> tuple[Packed, bytes, float, Entry, int] | None:
-        """A fresh entry's shape (a Packed without body), its aged body, when it
-        expires, the entry itself and its age in whole seconds; None on a miss."""
+        """A fresh entry's shape (a Packed without body), its aged body, until when
+        that body stays exact (the entry's age next changes or it expires), the entry
+        itself and its age in whole seconds; None on a miss."""
         entry = self.entries.get(key)
         if entry is None:
             return None
         fresh = self._age(entry)
         if fresh is None:
             return None
-        age, expires = fresh
+        age, exact_until = fresh
         # The shape serves as the Packed: the hot path takes the body separately.
         shape = entry.shape[0]
         body = lower_ttls(entry.blob[_TIMES.size :], shape.ttl_offsets, age)
-        return shape, body, expires, entry, age
+        return shape, body, exact_until, entry, age
 
     def current_age(self, key: bytes, entry: Entry) -> tuple[int, float] | None:
-        """``entry``'s age in whole seconds and when it expires, while it is still the
-        fresh entry of ``key``; None once it was replaced, evicted or expired. Lets a
-        reply built from the entry be reused with its TTLs lowered by the difference."""
+        """``entry``'s age in whole seconds and until when that age holds, while it is
+        still the fresh entry of ``key``; None once it was replaced, evicted or expired.
+        Lets a reply built from the entry be reused with its TTLs lowered by the
+        difference."""
         if self.entries.get(key) is not entry:
             return None
         return self._age(entry)
 
     def _age(self, entry: Entry) -> tuple[int, float] | None:
-        """A hit on ``entry``: its age and expiry, or None when it has expired."""
+        """A hit on ``entry``: its age in whole seconds and until when that age holds
+        (the next whole second of age, or expiry), or None when it has expired."""
         now = self.clock()
         stored, expires = _TIMES.unpack_from(entry.blob)
-        epoch = self.epoch
-        if now >= epoch + expires / _TICKS:
+        born = self.epoch + stored / _TICKS
+        until = self.epoch + expires / _TICKS
+        if now >= until:
             return None
         entry.used = True
         self.hits += 1
-        return int(now - epoch - stored / _TICKS), epoch + expires / _TICKS
+        age = int(now - born)
+        return age, min(born + age + 1, until)
 
     # The stage ---------------------------------------------------------------
 
@@ -218,7 +220,7 @@ class CacheStage:
         key = query_key(query)
         fresh = self.serve_fresh(key)
         if fresh is not None:
-            packed, body, _expires, _entry, _age = fresh
+            packed, body, _until, _entry, _age = fresh
             query.note(f"  cache hit ({len(self.entries)} entries)")
             entry = self.entries[key]
             return Reply(

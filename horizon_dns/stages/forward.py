@@ -53,10 +53,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from horizon_dns.config.source import Section, as_str, int_range, item_node, number_range
+from horizon_dns.core.edns import EDE_NO_REACHABLE_AUTHORITY, encode_opt
 from horizon_dns.core.loop import LoopGuard
 from horizon_dns.core.message import Outcome, Query, Reply
 from horizon_dns.core.names import text_to_name
-from horizon_dns.core.packed import DEFAULT_UDP_PAYLOAD, Packed, bounded_ttls, encode_opt, from_upstream
+from horizon_dns.core.packed import DEFAULT_UDP_PAYLOAD, Packed, bounded_ttls, from_upstream
 from horizon_dns.core.stage import Next
 from horizon_dns.core.stats import SHED_HELP, Sample, counter, gauge
 from horizon_dns.core.wire import (
@@ -79,7 +80,6 @@ from horizon_dns.stages.context import BuildContext
 
 log = logging.getLogger("horizon_dns.stages.forward")
 
-EDE_NO_REACHABLE_AUTHORITY = 22  # RFC 8914 §4.23
 #: What clients are told when no upstream answered; the details go to the log
 #: (RFC 8914 §6: EXTRA-TEXT must not leak what an attacker could use).
 UNREACHABLE_TEXT = "no upstream answered"

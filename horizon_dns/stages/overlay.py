@@ -63,6 +63,7 @@ from dnslib import AAAA, QTYPE, RR, A
 
 from horizon_dns.config.source import Section, as_str, int_range, item_node, number_range
 from horizon_dns.core import clock as clocks
+from horizon_dns.core.edns import EDE_OTHER
 from horizon_dns.core.message import Outcome, Query, Reply
 from horizon_dns.core.pattern import (
     RUNAWAY_HINT,
@@ -87,7 +88,6 @@ log = logging.getLogger("horizon_dns.stages.overlay")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 #: Seconds a miss is kept when no method could ask anyone.
 UNASKED_TTL = 1
-EDE_OTHER = 0  # RFC 8914 §4.1
 
 _LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
 

@@ -55,6 +55,7 @@ from yaml.nodes import Node
 
 from horizon_dns.config.source import Section, Where, as_bool, as_str, int_range, item_node
 from horizon_dns.core.bounded import remember
+from horizon_dns.core.edns import EDE_OTHER
 from horizon_dns.core.encode import pack_reply
 from horizon_dns.core.message import Outcome, Query, Reply
 from horizon_dns.core.packed import Packed
@@ -68,7 +69,6 @@ from horizon_dns.core.pattern import (
     runaway_on,
     search,
 )
-from horizon_dns.core.pipeline import EDE_OTHER
 from horizon_dns.core.stage import Next
 from horizon_dns.core.wire import NOERROR, NXDOMAIN, SERVFAIL
 from horizon_dns.stages.context import BuildContext
