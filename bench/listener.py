@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.__main__ import ANSWER, CONFIGS, dns_query, horizon_dir, names
-from horizon_dns.config.model import load_config
+from horizon_dns.config.load import load_config
 from horizon_dns.core.handler import QueryHandler
 from horizon_dns.net import mmsg
 from horizon_dns.net.udp import BatchedUdpListener, InFlight

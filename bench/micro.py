@@ -27,7 +27,7 @@ from pathlib import Path
 
 import dns.message
 
-from horizon_dns.config.model import load_config
+from horizon_dns.config.load import load_config
 from horizon_dns.core.handler import QueryHandler
 
 CONFIGS = Path(__file__).resolve().parent / "configs"

@@ -15,7 +15,8 @@ import sys
 from collections.abc import Sequence
 
 from horizon_dns import __version__
-from horizon_dns.config.model import Config, describe, load_config
+from horizon_dns.config.load import describe, load_config
+from horizon_dns.config.schema import Config
 from horizon_dns.core.names import text_to_name
 from horizon_dns.errors import ConfigError
 

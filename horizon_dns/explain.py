@@ -15,7 +15,7 @@ import time
 
 from dnslib import QTYPE, DNSRecord
 
-from horizon_dns.config.model import Config
+from horizon_dns.config.schema import Config
 from horizon_dns.core.encode import TCP_LIMIT, encode_reply
 from horizon_dns.core.message import Query
 from horizon_dns.core.names import text_to_name

@@ -26,7 +26,9 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from horizon_dns.config.model import Config, describe, load_config, rules_files
+from horizon_dns.config.load import describe, load_config
+from horizon_dns.config.rules import rules_files
+from horizon_dns.config.schema import Config
 from horizon_dns.core.access import EdgePolicy
 from horizon_dns.core.handler import QueryHandler
 from horizon_dns.core.pipeline import Pipeline

@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 
-from horizon_dns.config.model import Config
+from horizon_dns.config.schema import Config
 
 log = logging.getLogger("horizon_dns.workers")
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from dnslib import QTYPE
 
-from horizon_dns.config.model import Config, load_config
+from horizon_dns.config.load import load_config
+from horizon_dns.config.schema import Config
 from horizon_dns.core.message import Edns, Query
 from horizon_dns.core.names import text_to_name
 

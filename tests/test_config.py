@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 from helpers import config_from, write_config
 
-from horizon_dns.config.model import load_config, parse_listen
+from horizon_dns.config.load import load_config
+from horizon_dns.config.schema import parse_listen
 from horizon_dns.errors import ConfigError, ConfigIssue
 from horizon_dns.stages.cache import CacheStage
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from conftest import require_tool
 
-from horizon_dns.config.model import load_config
+from horizon_dns.config.load import load_config
 
 CONTRIB = Path(__file__).resolve().parent.parent / "contrib"
 

@@ -17,7 +17,7 @@ from conftest import SEED_RULES, start_server
 from fakeupstream import fake_upstream
 from helpers import config_from, udp_exchange
 
-from horizon_dns.config.model import ListenAddress
+from horizon_dns.config.schema import ListenAddress
 from horizon_dns.core.access import Acl, EdgePolicy, RateLimiter
 from horizon_dns.core.handler import QueryHandler
 from horizon_dns.core.wire import REFUSED, short_reply

@@ -26,7 +26,7 @@ from helpers import FakeClock, write_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from horizon_dns.config.model import load_config
+from horizon_dns.config.load import load_config
 from horizon_dns.core.access import Acl, EdgePolicy
 from horizon_dns.core.clock import now as real_now
 from horizon_dns.core.handler import QueryHandler

@@ -22,7 +22,7 @@ import pytest
 from conftest import SEED_RULES, ServerProcess, require_tool, start_server
 from helpers import config_from, udp_exchange
 
-from horizon_dns.config.model import ListenAddress
+from horizon_dns.config.schema import ListenAddress
 from horizon_dns.core.handler import QueryHandler
 from horizon_dns.explain import explain, explain_query
 from horizon_dns.metrics import MetricsServer, Sources

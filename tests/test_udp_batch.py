@@ -17,7 +17,7 @@ from helpers import config_from, udp_exchange
 from hypothesis import given
 from hypothesis import strategies as st
 
-from horizon_dns.config.model import ListenAddress
+from horizon_dns.config.schema import ListenAddress
 from horizon_dns.core.access import EdgePolicy
 from horizon_dns.core.handler import QueryHandler
 from horizon_dns.net import mmsg, udp

@@ -18,7 +18,7 @@ import socket
 from collections.abc import Sequence
 from typing import cast
 
-from horizon_dns.config.model import ListenAddress
+from horizon_dns.config.schema import ListenAddress
 from horizon_dns.core.access import Acl, EdgePolicy
 from horizon_dns.core.handler import QueryHandler
 from horizon_dns.errors import Error
