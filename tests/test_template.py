@@ -366,7 +366,7 @@ def test_a_regex_that_runs_away_on_a_query_costs_that_query_only(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Had the load-time probe missed it: the match is cut off and answered SERVFAIL."""
-    monkeypatch.setattr("horizon_dns.stages.template.runaway_on", lambda _pattern: None)
+    monkeypatch.setattr("horizon_dns.stages.template.builder.runaway_on", lambda _pattern: None)
     handler = QueryHandler(config_from(tmp_path, RUNAWAY).pipeline())
     started = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="horizon_dns.stages.template"):
@@ -378,7 +378,7 @@ def test_a_regex_that_runs_away_on_a_query_costs_that_query_only(
     # The same name again fails from the stage's memory, without another 10 ms search.
     stage = next(s for s in handler.pipeline.stages if isinstance(s, TemplateStage))
     searched = []
-    monkeypatch.setattr("horizon_dns.stages.template.search", lambda *args: searched.append(args))
+    monkeypatch.setattr("horizon_dns.stages.template.stage.search", lambda *args: searched.append(args))
     wire = asyncio.run(handler.answer(make_query("a" * 40 + ".t.test.")))
     assert wire[3] & 0xF == SERVFAIL and searched == [] and stage.regex_timeouts == 2
 

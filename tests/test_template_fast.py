@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from horizon_dns.core.message import Query
 from horizon_dns.core.names import text_to_name
 from horizon_dns.stages.template import TemplateStage, make_environment
-from horizon_dns.stages.template_fast import compile_simple
+from horizon_dns.stages.template.fast import compile_simple
 
 ALIASES = {"hub": "nodec", "nas": "nodeb"}
 ZONE = "mydomain.tld."

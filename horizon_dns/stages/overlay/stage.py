@@ -1,51 +1,8 @@
-"""The ``overlay`` stage: ``host.mydomain.tld`` answered by asking the overlay for ``host``.
+"""The overlay stage at query time: derive the host, ask the overlay, answer within the bound.
 
-YAML::
-
-    - overlay:
-        name: lan
-        host: '^(?P<host>[^.]+)\\.mydomain\\.tld\\.$'   # default: the one label left of the zone
-        methods: [mdns, llmnr, peers]   # default: mdns and llmnr, plus peers when any are given
-        interfaces: [zt0]               # multicast on these (default: every up, multicast one)
-        peers: [100.64.0.2]             # unicast peers, for overlays without multicast
-        peers_file: /etc/horizon-dns/peers      # one address a line, or JSON
-        peers_command: tailscale status --json  # run every peers_refresh seconds
-        peers_refresh: 60
-        prefer: [100.64.0.0/10, "fd7a:115c:a1e0::/48"]   # these addresses first
-        timeout: 0.3                    # seconds for a lookup, all methods at once
-        ttl: 30                         # of answers (held to the switch bound below)
-        negative_ttl: 30                # a host not found is not asked again for this long (likewise)
-        switch_within: 10               # seconds: the horizon follows a host leaving or returning
-        on_miss: nxdomain               # or next: a host nobody knows goes to the next stage
-        max_lookups: 256                # distinct lookups in flight; beyond, SERVFAIL (final)
-        multicast_rate: 50              # multicast queries per second at most (burst: multicast_burst)
-        multicast_burst: 100
-
-Contract: for A and AAAA of a name whose host label it can derive, the stage
-asks every method concurrently for both IP versions and answers with the first
-method's addresses of the asked version -- never link-local ones, which a client
-elsewhere cannot use, and those inside ``prefer`` first. A host found only with
-the other version gets NODATA (NOERROR + SOA), never NXDOMAIN (mixed answers
-break musl). A host nobody knows gets NXDOMAIN, so a zone ``fallback`` can ask
-public DNS instead. Results are cached per host and version (positive ``ttl``,
-negative ``negative_ttl``) and identical lookups in flight are shared. Names it
-cannot derive a host from, other classes and other types pass to the next stage
-(other types on a known host end in NODATA).
-
-The switch bound: every reply for a name this stage owns -- found, not found, and
-whatever the zone's fallback answers in its place -- carries ``overlay_ttl`` =
-``hold`` = ``switch_within`` - ceil(``timeout``) - 1 seconds (8 by default), and what
-the stage remembers lives no longer, counting down (its records carry the time
-left, never a fresh TTL). No layer keeps such a reply longer, no client is told a
-longer TTL, nothing serves it stale; so a host that leaves silently or comes back is
-noticed at the next lookup, at most ``hold`` + ``timeout`` after the change.
-:meth:`OverlayStage.forget` drops the stage's memory at once when the horizon is
-known to have moved (this node's link or address changed, an mDNS goodbye).
-
-A local limit -- ``max_lookups`` lookups in flight, or the multicast budget spent --
-is not a finding about the host: the reply is a final SERVFAIL with an Extended DNS
-Error, which no zone fallback overrides (an inside name must not get the public
-answer because this node was busy).
+Contract: :class:`OverlayStage` as :mod:`horizon_dns.stages.overlay` documents it
+(the YAML, the switch bound, local limits); ``switch_hold`` is that bound's hold
+time and ``usable`` the address filter every answer passes.
 """
 
 from __future__ import annotations
@@ -61,17 +18,12 @@ from typing import Any
 
 from dnslib import AAAA, QTYPE, RR, A
 
-from horizon_dns.config.source import Section, as_str, int_range, item_node, number_range
 from horizon_dns.core import clock as clocks
 from horizon_dns.core.edns import EDE_OTHER
 from horizon_dns.core.message import Outcome, Query, Reply
 from horizon_dns.core.pattern import (
-    RUNAWAY_HINT,
     Pattern,
-    PatternError,
     PatternTimeout,
-    compile_pattern,
-    runaway_on,
     search,
 )
 from horizon_dns.core.stage import Next
@@ -80,8 +32,7 @@ from horizon_dns.core.wire import NOERROR, NXDOMAIN, SERVFAIL
 from horizon_dns.errors import LocalLimit
 from horizon_dns.llmnr.responder import Interface
 from horizon_dns.net.oneshot import MulticastBudget
-from horizon_dns.net.overlay import IPAddress, LlmnrLookup, Lookup, MdnsLookup, PeerLookup, first_found
-from horizon_dns.stages.context import BuildContext
+from horizon_dns.net.overlay import IPAddress, Lookup, first_found
 
 log = logging.getLogger("horizon_dns.stages.overlay")
 
@@ -449,109 +400,3 @@ def on_the_overlay(interfaces: list[Interface]) -> list[Interface]:
     link still carries IPv6 link-local multicast: asking from there would find hosts
     at addresses it cannot reach (and answer NODATA where the public answer belongs)."""
     return [i for i in interfaces if any(not a.ip.is_link_local for a in i.addresses)]
-
-
-# Building from configuration ---------------------------------------------------
-
-METHODS = ("mdns", "llmnr", "peers")
-
-
-def build(section: Section, ctx: BuildContext) -> OverlayStage | None:
-    from horizon_dns.net.interfaces import list_interfaces
-
-    errors_before = section.where.error_count()
-    name = "overlay:" + section.get("name", as_str, default=ctx.zone.rstrip(".") or "root")
-    host_text = section.get("host", as_str, default="")
-    host_pattern = None
-    if host_text:
-        try:
-            host_pattern = compile_pattern(host_text)
-            if "host" not in host_pattern.groupindex:
-                section.where.child("host").error(
-                    section.node_of("host"), "the regex needs a named group (?P<host>...)"
-                )
-            elif (runaway := runaway_on(host_pattern)) is not None:
-                section.where.child("host").error(
-                    section.node_of("host"), f"the regex {runaway}", RUNAWAY_HINT
-                )
-        except PatternError as exc:
-            section.where.child("host").error(section.node_of("host"), f"invalid regex: {exc}")
-    interfaces = tuple(section.string_list("interfaces", default=[]))
-    peers = section.string_list("peers", default=[])
-    for i, peer in enumerate(peers):
-        try:
-            ipaddress.ip_address(peer)
-        except ValueError:
-            section.where.child("peers").child(i).error(
-                item_node(section.node_of("peers"), i), f"{peer!r} is not an IP address"
-            )
-    peers_file = section.get("peers_file", as_str, default="")
-    peers_command = section.get("peers_command", as_str, default="")
-    refresh = section.get("peers_refresh", number_range(1, 86400), default=60.0)
-    has_peers = bool(peers or peers_file or peers_command)
-    default_methods = ["mdns", "llmnr"] + (["peers"] if has_peers else [])
-    methods = section.string_list("methods", default=default_methods)
-    for i, method in enumerate(methods):
-        if method not in METHODS:
-            section.where.child("methods").child(i).error(
-                item_node(section.node_of("methods"), i),
-                f"unknown method {method!r}",
-                "use mdns, llmnr, peers",
-            )
-    if "peers" in methods and not has_peers:
-        section.where.child("methods").error(
-            section.node_of("methods"), "method 'peers' needs peers, peers_file or peers_command"
-        )
-    prefer: list[Network] = []
-    for i, text in enumerate(section.string_list("prefer", default=[])):
-        try:
-            prefer.append(ipaddress.ip_network(text, strict=False))
-        except ValueError:
-            section.where.child("prefer").child(i).error(
-                item_node(section.node_of("prefer"), i), f"{text!r} is not a network such as 100.64.0.0/10"
-            )
-    timeout = section.get("timeout", number_range(0.01, 10), default=0.3)
-    ttl = section.get("ttl", int_range(0, 86400), default=30)
-    negative_ttl = section.get("negative_ttl", int_range(0, 86400), default=30)
-    on_miss = section.get("on_miss", as_str, default="nxdomain")
-    max_lookups = section.get("max_lookups", int_range(1, 100_000), default=256)
-    switch_within = section.get("switch_within", number_range(3, 86400), default=10.0)
-    multicast_rate = section.get("multicast_rate", number_range(1, 10_000), default=50.0)
-    multicast_burst = section.get("multicast_burst", int_range(1, 100_000), default=100)
-    if on_miss not in ("nxdomain", "next"):
-        section.where.child("on_miss").error(
-            section.node_of("on_miss"), f"unknown {on_miss!r}", "use nxdomain or next"
-        )
-    section.finish()
-    if section.where.error_count() != errors_before:
-        return None
-
-    def listed() -> list[Any]:
-        return on_the_overlay(list_interfaces(interfaces))
-
-    if int(switch_within) - math.ceil(timeout) - 1 < 1:
-        section.where.child("switch_within").error(
-            section.node_of("switch_within"),
-            f"switch_within {switch_within:g} s leaves no time to hold an answer with timeout {timeout:g} s",
-            f"use at least {math.ceil(timeout) + 2} seconds",
-        )
-        return None
-
-    lookups: dict[str, Lookup] = {}
-    services: list[Any] = []
-    # One budget for both multicast methods of this stage: a flood of unknown names
-    # costs at most multicast_rate queries a second on the overlay.
-    budget = MulticastBudget(multicast_rate, multicast_burst)
-    for method in methods:
-        if method == "mdns":
-            lookups["mdns"] = MdnsLookup(listed, budget)
-        elif method == "llmnr":
-            lookups["llmnr"] = LlmnrLookup(listed, budget)
-        elif method == "peers":
-            peer_lookup = PeerLookup(peers, peers_file, peers_command, refresh)
-            lookups["peers"], services = peer_lookup, [*services, peer_lookup]
-    return OverlayStage(
-        name, ctx.zone, lookups, host_pattern, prefer, timeout, ttl, negative_ttl, ctx.soa,
-        services=services, on_miss=on_miss, max_lookups=max_lookups, switch_within=switch_within,
-        budget=budget, interface_names=interfaces,
-    )  # fmt: skip
