@@ -10,15 +10,19 @@ and the client's own question bytes.
 
 Contract:
 
-* ``pack_reply(query, reply)`` turns a Reply's dnslib records into a Packed once;
+* ``pack_records(question, qname_wire, sections)`` turns dnslib records into body
+  bytes once and ``from_message`` indexes them (``core.encode.pack_reply`` does
+  both for a Reply); ``unpack_records`` is the way back, for CNAME chasing;
 * ``from_upstream(data, question_end)`` indexes an upstream's reply, drops its OPT
   and keeps its extended rcode and Extended DNS Error;
-* ``bounded_ttls(packed, ...)`` rewrites TTLs once, where a reply enters the server
-  or the cache: TTLs with the high bit set read as 0, clamps, and a negative
-  answer's SOA TTL set to its negative-caching lifetime;
-* ``serve(query, packed, ...)`` builds the message for one client: its ID, its
-  RD/CD bits, its question, TTLs aged, OPT only when it asked with EDNS, TC=1 with
-  the question kept when over its size limit. No dnslib objects are built.
+* ``bounded_ttls(packed, ...)`` rewrites TTLs (``core.ttl.ttl_rule`` decides the
+  clamps): TTLs with the high bit set read as 0, clamps, and a
+  negative answer's SOA TTL set to its negative-caching lifetime; ``lower_ttls``
+  and ``with_ttls`` age or set them in place;
+* ``serve(msg_id, flags, question, packed, opt, limit, ...)`` builds the message
+  for one client: its ID, its RD/CD bits, its question, the OPT given (empty when
+  it asked without EDNS), TC=1 with the question kept when over ``limit``. No
+  dnslib objects are built.
 """
 
 from __future__ import annotations

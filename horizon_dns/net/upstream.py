@@ -1,7 +1,8 @@
 """Asking an upstream DNS server: one message out, the matching reply back.
 
-Contract: ``await exchange_udp(upstream, message, timeout)`` and
-``exchange_tcp`` send ``message`` (whose ID and question the caller chose) and
+Contract: ``await exchange_udp(upstream, message, question_end, timeout)`` and
+``exchange_tcp`` (same arguments) send ``message`` (whose ID and question the
+caller chose; its question ends at ``question_end``) and
 return the first reply that passes every check dnspython's ``asyncquery`` makes
 (RFC 5452 §4.2, §9.1): it comes from the upstream's address and port (a fresh
 connected socket per query gives a random source port and lets the kernel drop
