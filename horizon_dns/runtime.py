@@ -114,7 +114,7 @@ class Runtime:
         self.worker = worker
         self.pipeline = config.pipeline()
         self.handler = QueryHandler(self.pipeline, config.udp_payload, config.nsid)
-        limits = TcpLimits(config.tcp_idle_timeout, config.tcp_max_connections, config.tcp_max_inflight)
+        limits = _tcp_limits(config)
         self.server = DnsServer(
             self.handler, config.listen, limits, self.policy_for(config), reuse_port=config.workers > 1
         )
@@ -297,9 +297,7 @@ class Runtime:
             await self.horizon.start()  # the new configuration may be the first with an overlay
         self.handler.udp_payload = config.udp_payload
         self.handler.nsid = config.nsid.encode("utf-8")
-        self.server.connections.limits = TcpLimits(
-            config.tcp_idle_timeout, config.tcp_max_connections, config.tcp_max_inflight
-        )
+        self.server.connections.limits = _tcp_limits(config)
         policy = self.server.policy
         policy.max_inflight, policy.refuse_udp = config.max_inflight, config.refuse_udp
         policy.tcp_per_client = config.tcp_per_client
@@ -338,3 +336,13 @@ class Runtime:
 async def serve(config: Config, worker: int = 0) -> int:
     """Run a server for ``config`` until SIGTERM/SIGINT; return the exit code."""
     return await Runtime(config, worker).run()
+
+
+def _tcp_limits(config: Config) -> TcpLimits:
+    """The TCP connection rules a configuration asks for."""
+    return TcpLimits(
+        idle_timeout=config.tcp_idle_timeout,
+        max_connections=config.tcp_max_connections,
+        max_inflight=config.tcp_max_inflight,
+        message_timeout=config.tcp_message_timeout,
+    )

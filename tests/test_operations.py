@@ -414,9 +414,18 @@ def test_grafana_dashboard_uses_only_metrics_we_export(tmp_path: Path) -> None:
 
 
 def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    """A port free for both UDP and TCP on 127.0.0.1 (a listener binds both)."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as stream:
+                try:
+                    stream.bind(("127.0.0.1", port))
+                except OSError:
+                    continue  # a client's ephemeral TCP port: try another
+                return port
+    raise AssertionError("no port free for both UDP and TCP")
 
 
 def test_a_reload_to_a_taken_port_keeps_every_old_listener(tmp_path: Path) -> None:

@@ -272,7 +272,7 @@ def test_a_client_off_loopback_is_rate_limited_before_its_remembered_reply(
     # Only loopback clients skip the rate limiter. Tests may send only to loopback,
     # so the listener is told that no address is: with one token a second, the
     # second question gets the TC=1 slip although its reply is remembered.
-    monkeypatch.setattr(udp, "_is_loopback", lambda ip: False)
+    monkeypatch.setattr(udp, "is_loopback", lambda ip: False)
     config = config_from(tmp_path, RULES)
     handler = QueryHandler(config.pipeline())
     policy = EdgePolicy(rate_qps=1, rate_burst=1)

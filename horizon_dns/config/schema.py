@@ -55,6 +55,7 @@ class Config:
     tcp_idle_timeout: float = 10.0
     tcp_max_connections: int = 256
     tcp_max_inflight: int = 64
+    tcp_message_timeout: float = 5.0
     tcp_per_client: int = 32
     max_inflight: int = 4096
     rate_qps: float = 1000.0

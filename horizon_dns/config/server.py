@@ -225,6 +225,7 @@ def read_server(loader: RulesLoader, section: Section, base: Path, rules_optiona
     config.tcp_idle_timeout = tcp.get("idle_timeout", number_range(0.1, 3600), default=10.0)
     config.tcp_max_connections = tcp.get("max_connections", int_range(1, 65535), default=256)
     config.tcp_max_inflight = tcp.get("max_inflight", int_range(1, 65535), default=64)
+    config.tcp_message_timeout = tcp.get("message_timeout", number_range(0.1, 600), default=5.0)
     config.tcp_per_client = tcp.get("per_client", int_range(1, 65535), default=32)
     tcp.finish()
     limits = section.section("limits")

@@ -17,6 +17,13 @@ from collections.abc import Callable, Iterable
 from horizon_dns.core.bounded import remember
 
 LOOPBACK = ("127.0.0.0/8", "::1/128")
+
+
+def is_loopback(ip: str) -> bool:
+    """Whether a client address (as the socket reports it) is this machine's loopback."""
+    return ip.startswith("127.") or ip == "::1" or ip.startswith("::ffff:127.")
+
+
 _MEMO_LIMIT = 65536
 
 

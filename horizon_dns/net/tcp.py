@@ -1,12 +1,35 @@
-"""TCP listener: length-prefixed messages, pipelined (RFC 7766 §6.2.1.1, §8).
+"""TCP connections under one set of rules, for the DNS listener and the LLMNR responder.
 
-Contract: each message of a connection is answered as soon as it completes, in
-any order (clients match by ID): at once when it needs no I/O, else from its own
-task. A connection closes after ``idle_timeout`` seconds with nothing to read or send
-(RFC 7766 §6.2.3) -- a slowloris holds a connection no longer than that.
-Reading pauses while ``max_inflight`` queries of one connection are unanswered.
-Connections beyond ``max_connections``, or beyond the policy's per-client cap,
-are closed at once. A client outside the listener's allow list gets REFUSED.
+Contract (DECISIONS.md 6; RFC 7766 for DNS, RFC 4795 §2.4 for LLMNR): messages
+arrive behind a two-byte length (RFC 1035 §4.2.2) and may be pipelined; a
+:class:`FramedConnection` hands each complete one to ``on_message`` and writes
+what comes back, and :class:`TcpConnections` is the table every connection of a
+server must be admitted to. The rules, in the order a connection meets them:
+
+* **Allow list first.** A client outside the listener's ``allow`` is closed in
+  ``connection_made``, before it counts against any limit, without a byte read.
+* **Admission.** At most ``max_connections`` in all, and ``per_client`` from one
+  address off loopback. When either is reached, the connection idle longest --
+  or, failing one, the one whose current message has been arriving longest -- is
+  closed to make room (RFC 7766 §6.2.3 lets a server close idle connections);
+  only when every candidate is busy answering is the newcomer refused. Every
+  local program shares 127.0.0.1, so loopback has no per-address cap: eviction
+  is what keeps a local program holding many connections from locking out
+  systemd-resolved.
+* **Deadlines.** ``idle_timeout`` with nothing to read, answer or send; and
+  ``message_timeout`` from the first byte of a message to its last, which no
+  trickle of bytes extends.
+* **Backpressure.** Reading pauses while unsent replies exceed ``max_unsent``
+  bytes (the transport's ``pause_writing``) or ``max_inflight`` messages are
+  being answered, and resumes when both have drained: a client that sends and
+  never reads costs a bounded buffer, not memory without end.
+* **Framing** is incremental: bytes of an unfinished message are appended once
+  and parsed once when it completes, so a trickled frame costs linear, not
+  quadratic, copying.
+
+:class:`TcpConnection` is the DNS listener's connection: each message is answered
+as soon as it completes, in any order (clients match by ID, RFC 7766 §6.2.1.1), at
+once when the hot path or a pipeline without I/O can, else from its own task.
 """
 
 from __future__ import annotations
@@ -14,13 +37,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import time
 from dataclasses import dataclass
 from typing import cast
 
-from horizon_dns.core.access import Acl, EdgePolicy
+from horizon_dns.core.access import Acl, EdgePolicy, is_loopback
 from horizon_dns.core.handler import QueryHandler
-from horizon_dns.core.wire import REFUSED, TCP_LENGTH, short_reply, tcp_frame
+from horizon_dns.core.wire import TCP_LENGTH, tcp_frame
 from horizon_dns.net.eager import start_eagerly
 from horizon_dns.net.udp import InFlight
 
@@ -32,43 +54,85 @@ class TcpLimits:
     idle_timeout: float = 10.0
     max_connections: int = 256
     max_inflight: int = 64
+    #: Seconds from a message's first byte to its last.
+    message_timeout: float = 5.0
+    #: Unsent reply bytes of one connection before it stops being read.
+    max_unsent: int = 64 * 1024
 
 
 class TcpConnections:
-    """Connections shared by every TCP listener of a server, in all and per client."""
+    """The connections of every TCP listener of one server: admission and eviction."""
 
     def __init__(self, limits: TcpLimits, policy: EdgePolicy | None = None) -> None:
         self.limits = limits
         self.policy = policy or EdgePolicy()
-        self.open: set[TcpConnection] = set()
+        #: In order of admission; a dict for O(1) removal.
+        self.open: dict[FramedConnection, None] = {}
         self.per_client: collections.Counter[str] = collections.Counter()
-        self.rejected = 0
+        self.rejected = 0  # refused: every candidate for eviction was busy
+        self.evicted = 0  # closed to make room for a newcomer
+
+    def admit(self, conn: FramedConnection, client: str) -> bool:
+        """Count ``conn`` in, closing an idle or slow connection to make room; False
+        when none can be closed (every candidate is answering)."""
+        capped = not is_loopback(client) and self.per_client[client] >= self.policy.tcp_per_client
+        if capped and not self._evict([c for c in self.open if c.client == client]):
+            self.rejected += 1
+            return False
+        if len(self.open) >= self.limits.max_connections and not self._evict(list(self.open)):
+            self.rejected += 1
+            return False
+        self.open[conn] = None
+        self.per_client[client] += 1
+        return True
+
+    def release(self, conn: FramedConnection) -> None:
+        if self.open.pop(conn, 0) is None:
+            self.per_client[conn.client] -= 1
+            if self.per_client[conn.client] <= 0:
+                del self.per_client[conn.client]
+
+    def _evict(self, candidates: list[FramedConnection]) -> bool:
+        """Close the connection idle longest, else the slowest message; False if none."""
+        idle = [c for c in candidates if c.is_idle()]
+        if idle:
+            victim = min(idle, key=lambda c: c.last_active)
+        else:
+            slow = [c for c in candidates if c.message_started is not None and not c.pending]
+            if not slow:
+                return False
+            victim = min(slow, key=lambda c: cast(float, c.message_started))
+        self.evicted += 1
+        self.release(victim)  # now: its connection_lost comes a loop turn later
+        victim.abort()
+        return True
 
     def close_all(self) -> None:
         for conn in list(self.open):
             conn.close_when_idle()
 
 
-class TcpConnection(asyncio.Protocol):
-    """One client connection."""
+class FramedConnection(asyncio.Protocol):
+    """One connection under the rules above; subclasses answer ``on_message``."""
 
-    def __init__(
-        self, handler: QueryHandler, inflight: InFlight, conns: TcpConnections, acl: Acl | None = None
-    ) -> None:
-        self.handler = handler
-        self.inflight = inflight
+    def __init__(self, conns: TcpConnections, acl: Acl | None = None) -> None:
         self.conns = conns
         self.acl = acl
-        self.refusing = False  # a client outside the allow list: every query gets REFUSED
         self.transport: asyncio.Transport | None = None
         self.peer: tuple[str, int] | None = None
+        self.client = ""
         self.buffer = bytearray()
+        self.need = 2  # bytes the buffer must hold before a message can complete
+        self.message_started: float | None = None
         self.pending = 0
         self.paused = False
+        self.write_blocked = False
         self.closing = False
-        self.idle: asyncio.TimerHandle | None = None
+        self.timer: asyncio.TimerHandle | None = None
         self.last_active = 0.0
         self._out: list[bytes] | None = None  # replies gathered for one write, inside data_received
+
+    # The transport's side ------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio's, so no isinstance check.
@@ -76,31 +140,34 @@ class TcpConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = (str(peer[0]), int(peer[1]))
-        client = self.peer[0] if self.peer else ""
-        conns = self.conns
-        if (
-            len(conns.open) >= conns.limits.max_connections
-            or conns.per_client[client] >= conns.policy.tcp_per_client
-        ):
-            conns.rejected += 1
+            self.client = self.peer[0]
+        if self.acl is not None and not self.acl.allows(self.client):
+            self.conns.policy.refused += 1
+            self.transport = None
             transport.abort()
             return
-        conns.open.add(self)
-        conns.per_client[client] += 1
-        if self.acl is not None and not self.acl.allows(client):
-            self.refusing = True
-        self._arm_idle()
+        if not self.conns.admit(self, self.client):
+            self.transport = None
+            transport.abort()
+            return
+        transport.set_write_buffer_limits(high=self.conns.limits.max_unsent)
+        self.last_active = asyncio.get_running_loop().time()
+        self._arm(self.last_active + self.conns.limits.idle_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self in self.conns.open:
-            self.conns.open.discard(self)
-            client = self.peer[0] if self.peer else ""
-            self.conns.per_client[client] -= 1
-            if self.conns.per_client[client] <= 0:
-                del self.conns.per_client[client]
-        if self.idle is not None:
-            self.idle.cancel()
+        self.conns.release(self)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         self.transport = None
+
+    def pause_writing(self) -> None:
+        self.write_blocked = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self.write_blocked = False
+        self._update_reading()
 
     def eof_received(self) -> bool:
         """The client has half-closed: answer what it already asked, then close.
@@ -111,27 +178,89 @@ class TcpConnection(asyncio.Protocol):
         self.closing = True
         return self.pending > 0
 
-    def _arm_idle(self) -> None:
-        # Called on every read and reply: only remember when; the one timer re-arms
-        # itself for the rest of the interval when it fires early. Cancelling and
-        # creating a timer per read costs more than answering a cached query.
-        self.last_active = time.monotonic()
-        if self.idle is None:
-            loop = asyncio.get_running_loop()
-            self.idle = loop.call_later(self.conns.limits.idle_timeout, self._on_idle)
+    def data_received(self, data: bytes) -> None:
+        if self.closing or self.transport is None:
+            return
+        now = asyncio.get_running_loop().time()
+        self.last_active = now
+        buffer = self.buffer
+        if buffer:
+            buffer += data
+            if len(buffer) < self.need:
+                return  # the message is still arriving: nothing to parse, nothing copied again
+            data = bytes(buffer)
+            buffer.clear()
+        out: list[bytes] = []
+        self._out = out  # replies given without waiting join one write (RFC 7766 §6.2.1.1)
+        try:
+            offset, end = 0, len(data)
+            while offset + 2 <= end:
+                (length,) = TCP_LENGTH.unpack_from(data, offset)
+                if offset + 2 + length > end:
+                    break
+                message = data[offset + 2 : offset + 2 + length]
+                offset += 2 + length
+                self.on_message(message)
+                if self.transport is None:
+                    return  # on_message closed the connection
+        finally:
+            self._out = None
+        if offset < end:
+            buffer += data[offset:]
+            self.need = 2 if end - offset < 2 else 2 + TCP_LENGTH.unpack_from(data, offset)[0]
+            if self.message_started is None or offset:
+                # A new message began in this read: its deadline starts now.
+                self.message_started = now
+                self._arm(now + self.conns.limits.message_timeout)
+        else:
+            self.need = 2
+            self.message_started = None
+        transport = self.transport
+        if out and transport is not None:
+            transport.write(b"".join(out))
+        self._update_reading()
 
-    def _on_idle(self) -> None:
-        self.idle = None
-        if self.transport is None:
+    # What subclasses use ---------------------------------------------------------
+
+    def on_message(self, message: bytes) -> None:
+        """Answer one complete message: ``send`` now, or ``begin``/``finish`` around a task."""
+        raise NotImplementedError
+
+    def send(self, reply: bytes) -> None:
+        """Queue one reply: with the current read's batch, or written at once."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
             return
-        timeout = self.conns.limits.idle_timeout
-        left = self.last_active + timeout - time.monotonic()
-        if self.pending:
-            left = timeout  # a query still being answered: not idle; its reply re-arms
-        if left > 0.001:
-            self.idle = asyncio.get_running_loop().call_later(left, self._on_idle)
+        if self._out is not None:
+            self._out.append(tcp_frame(reply))
+        else:
+            transport.write(tcp_frame(reply))
+        self.last_active = asyncio.get_running_loop().time()
+
+    def begin(self) -> None:
+        """A message whose answer comes later (from a task)."""
+        self.pending += 1
+
+    def finish(self) -> None:
+        """That answer was sent (or there was none)."""
+        self.pending -= 1
+        transport = self.transport
+        if transport is None:
             return
-        self.transport.close()
+        if self.closing and self.pending == 0:
+            transport.close()
+            return
+        self.last_active = asyncio.get_running_loop().time()
+        self._update_reading()
+
+    def abort(self) -> None:
+        """Close at once, dropping unsent bytes (eviction, a rule broken)."""
+        if self.transport is not None:
+            self.transport.abort()
+
+    def is_idle(self) -> bool:
+        """Nothing being answered, no message arriving: safe to close (RFC 7766 §6.2.3)."""
+        return not self.pending and self.message_started is None
 
     def close_when_idle(self) -> None:
         """Stop reading; close now if nothing is pending, else after the last reply."""
@@ -140,80 +269,81 @@ class TcpConnection(asyncio.Protocol):
             return
         if self.pending == 0:
             self.transport.close()
-        elif not self.paused:
-            self.transport.pause_reading()
-            self.paused = True
+        else:
+            self._update_reading()
 
-    def data_received(self, data: bytes) -> None:
-        if self.closing:
+    # Internals ---------------------------------------------------------------------
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
             return
-        self._arm_idle()
-        buffer = self.buffer
-        if buffer:
-            buffer += data
-            data = bytes(buffer)
-        # Every complete message of this read; the replies the hot path gives at once
-        # leave in one write (one system call for a pipelined burst, RFC 7766 §6.2.1.1).
-        out: list[bytes] = []
-        offset = 0
-        end = len(data)
-        while offset + 2 <= end:
-            (length,) = TCP_LENGTH.unpack_from(data, offset)
-            if offset + 2 + length > end:
-                break
-            message = data[offset + 2 : offset + 2 + length]
-            offset += 2 + length
-            if self.refusing:
-                self.conns.policy.refused += 1
-                refusal = short_reply(message, REFUSED)
-                if refusal is not None:
-                    out.append(tcp_frame(refusal))
-                continue
-            reply = self.handler.hot_answer(message, tcp=True)
-            if reply is not None:
-                out.append(tcp_frame(reply))
-                continue
-            self.pending += 1
-            self._out = out  # a reply the pipeline gives without waiting joins this write
-            task = start_eagerly(self._answer(message))
-            self._out = None
-            if task is not None:
-                self.inflight.add(task)
-        if offset < end:
-            self.buffer = bytearray(data[offset:])
-        elif buffer:
-            self.buffer = bytearray()
+        pause = self.closing or self.write_blocked or self.pending >= self.conns.limits.max_inflight
+        if pause and not self.paused:
+            transport.pause_reading()
+            self.paused = True
+        elif not pause and self.paused:
+            transport.resume_reading()
+            self.paused = False
+
+    def _arm(self, when: float) -> None:
+        """Make sure the one timer fires no later than ``when`` (loop time)."""
+        timer = self.timer
+        if timer is not None:
+            if timer.when() <= when:
+                return
+            timer.cancel()
+        self.timer = asyncio.get_running_loop().call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        # One timer for both deadlines, re-armed lazily: cancelling and creating a timer
+        # per read would cost more than answering a cached query.
+        self.timer = None
         transport = self.transport
         if transport is None:
             return
-        if out:
-            transport.write(b"".join(out))
-        if self.pending >= self.conns.limits.max_inflight and not self.paused:
-            transport.pause_reading()
-            self.paused = True
+        limits = self.conns.limits
+        now = asyncio.get_running_loop().time()
+        started = self.message_started
+        if started is not None and now >= started + limits.message_timeout:
+            log.debug("TCP %s: message incomplete after %.1f s: closing", self.client, limits.message_timeout)
+            transport.abort()
+            return
+        due = self.last_active + limits.idle_timeout
+        if self.pending:
+            due = now + limits.idle_timeout  # still answering: not idle; the reply re-arms
+        if started is not None:
+            due = min(due, started + limits.message_timeout)
+        if due - now > 0.001:
+            self._arm(due)
+            return
+        transport.close()
+
+
+class TcpConnection(FramedConnection):
+    """The DNS listener's connection: the hot path at once, the full path eagerly."""
+
+    def __init__(
+        self, handler: QueryHandler, inflight: InFlight, conns: TcpConnections, acl: Acl | None = None
+    ) -> None:
+        super().__init__(conns, acl)
+        self.handler = handler
+        self.inflight = inflight
+
+    def on_message(self, message: bytes) -> None:
+        reply = self.handler.hot_answer(message, tcp=True)
+        if reply is not None:
+            self.send(reply)
+            return
+        self.begin()
+        task = start_eagerly(self._answer(message))  # a reply given without waiting joins this write
+        if task is not None:
+            self.inflight.add(task)
 
     async def _answer(self, message: bytes) -> None:
         try:
             reply = await self.handler.handle(message, self.peer, "tcp")
-            transport = self.transport
-            if reply is not None and transport is not None and not transport.is_closing():
-                if self._out is not None:
-                    self._out.append(tcp_frame(reply))
-                else:
-                    transport.write(tcp_frame(reply))
+            if reply is not None:
+                self.send(reply)
         finally:
-            self.pending -= 1
-            self._after_reply()
-
-    def _after_reply(self) -> None:
-        transport = self.transport
-        if transport is None:
-            return
-        if self.closing:
-            if self.pending == 0:
-                transport.close()
-            return
-        if self.paused and self.pending < self.conns.limits.max_inflight:
-            transport.resume_reading()
-            self.paused = False
-        self._arm_idle()
+            self.finish()

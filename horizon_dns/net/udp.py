@@ -20,7 +20,7 @@ import logging
 import socket
 from typing import Any, cast
 
-from horizon_dns.core.access import Acl, EdgePolicy
+from horizon_dns.core.access import Acl, EdgePolicy, is_loopback
 from horizon_dns.core.bounded import remember
 from horizon_dns.core.clock import now as clock_now
 from horizon_dns.core.handler import QueryHandler
@@ -99,7 +99,7 @@ class UdpListener(asyncio.DatagramProtocol):
             if policy.refuse_udp == "refused":
                 return short_reply(data, REFUSED)
             return None
-        if not _is_loopback(client) and not policy.limiter.allow(client):
+        if not is_loopback(client) and not policy.limiter.allow(client):
             return short_reply(data, 0, truncated=True)
         # The hot path: a cached answer is sent from here, with no task and no await.
         reply = self.handler.hot_answer(data)
@@ -204,7 +204,7 @@ class BatchedUdpListener(UdpListener):
                             address = decode_address(name)
                         except ValueError:
                             continue
-                        sender = remember(senders, name, (address, _is_loopback(address[0])), _ADDRESS_MEMO)
+                        sender = remember(senders, name, (address, is_loopback(address[0])), _ADDRESS_MEMO)
                     addr, loopback = sender
                     # The local stub resolver's repeated questions: a loopback client the
                     # allow list admits is never rate limited, so the reply the hot path keeps
@@ -227,7 +227,3 @@ class BatchedUdpListener(UdpListener):
             batch.flush()
             if count < batch.slots:
                 return  # drained: the next datagram wakes the loop again
-
-
-def _is_loopback(ip: str) -> bool:
-    return ip.startswith("127.") or ip == "::1" or ip.startswith("::ffff:127.")
