@@ -242,19 +242,52 @@ def test_llmnr_tcp_leaves_with_ttl_1_from_the_handshake_on() -> None:
         listener.close()
 
 
-def test_llmnr_tcp_connections_are_capped() -> None:
-    from horizon_dns.net.llmnr import MAX_TCP_CLIENTS, LlmnrResponder
+def test_llmnr_tcp_keeps_answering_while_one_host_holds_80_trickling_connections(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The DNS listener's TCP rules (per-host cap, message deadline, eviction) hold on 5355:
+    one on-link host trickling 80 connections cannot keep another host's query out."""
+    from horizon_dns.net import tcp
+    from horizon_dns.net.llmnr import TCP_PER_HOST, LlmnrResponder, LlmnrTcpConnection, _tcp_listener
 
-    responder = LlmnrResponder(Names("nodea", frozenset(), {}), list)
-    responder._tcp_tasks = {object() for _ in range(MAX_TCP_CLIENTS)}  # type: ignore[misc]
-    closed: list[bool] = []
+    # On-link hosts, played by loopback addresses the rules are told are not loopback.
+    monkeypatch.setattr(tcp, "is_loopback", lambda ip: False)
+    loopback = Interface("lo", 1, (ipaddress.ip_interface("127.0.0.1/8"),))
+    responder = LlmnrResponder(NAMES, list)
+    responder.interfaces = {1: loopback}
 
-    class Writer:
-        def close(self) -> None:
-            closed.append(True)
+    async def scenario() -> tuple[float, dns.message.Message, int]:
+        listener = _tcp_listener(ipaddress.ip_address("127.0.0.1"), 0)
+        port = listener.getsockname()[1]
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: LlmnrTcpConnection(responder), sock=listener)
+        try:
+            trickler = ("127.0.0.2", 0)
+            streams = [
+                await asyncio.open_connection("127.0.0.1", port, local_addr=trickler) for _ in range(80)
+            ]
+            for _reader, writer in streams:
+                writer.write(b"\xff\xff\x00")
+                await writer.drain()
+            started = asyncio.get_running_loop().time()
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.3", 0))
+            query = build_query(9, "hub", 1)
+            writer.write(struct.pack("!H", len(query)) + query)
+            (length,) = struct.unpack("!H", await asyncio.wait_for(reader.readexactly(2), 1.0))
+            answer = dns.message.from_wire(await reader.readexactly(length))
+            took = asyncio.get_running_loop().time() - started
+            held = responder.tcp_connections.per_client["127.0.0.2"]
+            for _reader, other in [*streams, (reader, writer)]:
+                other.close()
+            return took, answer, held
+        finally:
+            server.close()
+            for conn in list(responder.tcp_connections.open):
+                conn.abort()
 
-    asyncio.run(responder._tcp_client(None, Writer()))  # type: ignore[arg-type]
-    assert closed == [True] and responder.counts["tcp-over-cap"] == 1
+    took, answer, held = asyncio.run(scenario())
+    assert took < 1.0 and [rr.to_text() for rr in answer.answer[0]] == ["127.0.0.1"]
+    assert held <= TCP_PER_HOST and responder.tcp_connections.evicted > 0
 
 
 def test_a_udp_reply_over_512_octets_is_truncated_with_tc() -> None:

@@ -29,7 +29,7 @@ import socket
 import struct
 from collections.abc import Callable, Iterable
 
-from horizon_dns.core.wire import TCP_LENGTH, tcp_frame
+from horizon_dns.core.access import EdgePolicy
 from horizon_dns.errors import Error
 from horizon_dns.llmnr.responder import (
     LLMNR_GROUP_V4,
@@ -42,6 +42,7 @@ from horizon_dns.llmnr.responder import (
     decide,
 )
 from horizon_dns.net.oneshot import LLMNR, ask_group
+from horizon_dns.net.tcp import FramedConnection, TcpConnections, TcpLimits
 from horizon_dns.net.upstream import Upstream, exchange_tcp
 
 log = logging.getLogger("horizon_dns.net.llmnr")
@@ -62,8 +63,11 @@ class LlmnrError(Error):
     """The responder could not open its sockets."""
 
 
-#: LLMNR TCP connections served at once; more are closed at once.
-MAX_TCP_CLIENTS = 64
+#: The TCP rules of the DNS listener (DECISIONS.md 6), sized for LLMNR: 64 connections,
+#: 8 from one on-link host (a host asks one question at a time: RFC 4795 §2.4), one
+#: message answered at a time, 2 s to send it. Beyond, the idle or slowest goes.
+TCP_LIMITS = TcpLimits(idle_timeout=10.0, max_connections=64, max_inflight=1, message_timeout=2.0)
+TCP_PER_HOST = 8
 
 
 def _tcp_listener(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> socket.socket:
@@ -126,7 +130,7 @@ class LlmnrResponder:
         self.counts: collections.Counter[str] = collections.Counter()
         self.conflicts_seen = 0
         self._rescan_task: asyncio.Task[None] | None = None
-        self._tcp_tasks: set[asyncio.Task[None]] = set()
+        self.tcp_connections = TcpConnections(TCP_LIMITS, EdgePolicy(tcp_per_client=TCP_PER_HOST))
 
     # Lifecycle ---------------------------------------------------------------
 
@@ -150,9 +154,8 @@ class LlmnrResponder:
         self.sockets.clear()
         for server in self.tcp_servers.values():
             server.close()
-        for task in list(self._tcp_tasks):
-            task.cancel()
-        await asyncio.gather(*self._tcp_tasks, return_exceptions=True)
+        for conn in list(self.tcp_connections.open):
+            conn.abort()
         self.tcp_servers.clear()
 
     def _udp_socket(self, family: int) -> socket.socket:
@@ -228,7 +231,9 @@ class LlmnrResponder:
                 if key in self.tcp_servers:
                     continue
                 try:
-                    server = await asyncio.start_server(self._tcp_client, sock=_tcp_listener(ip, self.port))
+                    server = await asyncio.get_running_loop().create_server(
+                        lambda: LlmnrTcpConnection(self), sock=_tcp_listener(ip, self.port)
+                    )
                 except OSError as exc:
                     if exc.errno == errno.EADDRINUSE:
                         self.tcp_error = RESOLVED_HINT
@@ -260,39 +265,6 @@ class LlmnrResponder:
             if reply is not None:
                 with contextlib.suppress(OSError):
                     sock.sendto(reply, source)
-
-    async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._tcp_tasks) >= MAX_TCP_CLIENTS:
-            # Bounded resources: each idle connection is held up to 10 s.
-            self.counts["tcp-over-cap"] += 1
-            writer.close()
-            return
-        task = asyncio.current_task()
-        if task is not None:
-            self._tcp_tasks.add(task)
-        try:
-            # TTL 1 (RFC 4795 §2.5) comes with the socket, from its listener (_tcp_listener).
-            peer = writer.get_extra_info("peername")
-            local = writer.get_extra_info("sockname")
-            interface = self._interface_of(str(local[0]))
-            while True:
-                (length,) = TCP_LENGTH.unpack(await asyncio.wait_for(reader.readexactly(2), 10))
-                data = await asyncio.wait_for(reader.readexactly(length), 10)
-                arrival = Arrival(
-                    "tcp", (str(peer[0]), int(peer[1])), str(local[0]), interface.index if interface else 0
-                )
-                reply, reason = decide(data, arrival, self.names, interface)
-                self.counts[reason] += 1
-                if reply is None:
-                    return  # silence over TCP: close
-                writer.write(tcp_frame(reply))
-                await writer.drain()
-        except (asyncio.IncompleteReadError, TimeoutError, OSError):
-            pass
-        finally:
-            writer.close()
-            if task is not None:
-                self._tcp_tasks.discard(task)
 
     def _interface_of(self, local: str) -> Interface | None:
         try:
@@ -327,6 +299,36 @@ class LlmnrResponder:
         self.conflicts_seen += len(conflicts - self.names.conflicts)
         self.names.conflicts |= conflicts
         return conflicts
+
+
+class LlmnrTcpConnection(FramedConnection):
+    """One TCP connection to the responder (RFC 4795 §2.4): each message decided by
+    ``decide``, the answer sent, silence closing the connection."""
+
+    def __init__(self, responder: LlmnrResponder) -> None:
+        super().__init__(responder.tcp_connections)
+        self.responder = responder
+        self.local = ""
+        self.interface: Interface | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        local = transport.get_extra_info("sockname")
+        self.local = str(local[0]) if local else ""
+        self.interface = self.responder._interface_of(self.local)
+        super().connection_made(transport)
+        if self.transport is None:
+            self.responder.counts["tcp-over-cap"] += 1
+
+    def on_message(self, message: bytes) -> None:
+        # TTL 1 (RFC 4795 §2.5) comes with the socket, from its listener (_tcp_listener).
+        index = self.interface.index if self.interface else 0
+        arrival = Arrival("tcp", self.peer or ("", 0), self.local, index)
+        reply, reason = decide(message, arrival, self.responder.names, self.interface)
+        self.responder.counts[reason] += 1
+        if reply is None:
+            self.close_when_idle()  # silence over TCP: close
+            return
+        self.send(reply)
 
 
 # The client side ---------------------------------------------------------------
