@@ -25,7 +25,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.__main__ import ANSWER, CONFIGS, dns_query, horizon_dir, names
+from bench.queries import ANSWER, dns_query, names
+from bench.servers import CONFIGS, horizon_dir
 from horizon_dns.config.load import load_config
 from horizon_dns.core.handler import QueryHandler
 from horizon_dns.net import mmsg

@@ -18,18 +18,11 @@ from horizon_dns.net import mmsg
 
 # The repository root, where bench/ lives, is not otherwise on the path.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.__main__ import (
-    Cell,
-    Memory,
-    Run,
-    Server,
-    latency_ratio,
-    parse_dnsperf,
-    percentile,
-    ratio_median,
-    targets_section,
-    verdict,
-)
+from bench.dnsperf import Run, parse_dnsperf, percentile
+from bench.memory import Memory
+from bench.report import targets_section, verdict
+from bench.scenarios import Cell, latency_ratio, ratio_median
+from bench.servers import Server
 
 DNSPERF_OUTPUT = """
 Statistics:
