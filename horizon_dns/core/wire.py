@@ -307,23 +307,6 @@ def encode_error(msg_id: int, flags: int, rcode: int, opt: bytes = b"") -> bytes
     return HEADER.pack(msg_id, out_flags, 0, 0, 0, 1 if opt else 0) + opt
 
 
-def question_end(data: bytes) -> int | None:
-    """End offset of a single uncompressed question right after the header, or None."""
-    offset = HEADER.size
-    size = len(data)
-    while True:
-        if offset >= size:
-            return None
-        length = data[offset]
-        if length == 0:
-            break
-        if length > MAX_LABEL:
-            return None
-        offset += 1 + length
-    end = offset + 5
-    return end if end <= size else None
-
-
 def short_reply(data: bytes, rcode: int, truncated: bool = False) -> bytes | None:
     """REFUSED, SERVFAIL or TC=1 built straight from a query's bytes: header and question.
 
@@ -335,8 +318,12 @@ def short_reply(data: bytes, rcode: int, truncated: bool = False) -> bytes | Non
     msg_id, flags, qdcount = struct.unpack_from("!HHH", data)
     if flags & (QR | OPCODE_MASK) or qdcount != 1:
         return None
-    end = question_end(data)
-    if end is None:
+    try:
+        _name, end = read_name(data, HEADER.size)
+    except ValueError:
+        return None
+    end += 4  # type and class
+    if end > len(data):
         return None
     out_flags = QR | (flags & (RD | CD)) | (rcode & 0xF) | (TC if truncated else 0)
     return HEADER.pack(msg_id, out_flags, 1, 0, 0, 0) + data[HEADER.size : end]
