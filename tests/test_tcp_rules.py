@@ -8,6 +8,8 @@ asserts what an honest client sees meanwhile: its answer, within the bound.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
 import socket
 import struct
 import time
@@ -200,9 +202,13 @@ def test_a_client_at_its_cap_off_loopback_loses_its_idle_connection_not_its_answ
 # Memory, measured on a server process --------------------------------------------------
 
 
+# The seed's rules behind a cache, as a node serves them: repeated questions take the hot path.
+CACHED_RULES = SEED_RULES.replace("    stages:\n", "    stages:\n      - cache: {}\n")
+
+
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[ServerProcess]:
-    server = start_server(tmp_path, SEED_RULES, "limits: {rate_qps: 0}\n", ipv6=False)
+    server = start_server(tmp_path, CACHED_RULES, ipv6=False)
     try:
         yield server
     finally:
@@ -243,4 +249,81 @@ def test_a_client_that_pipelines_and_never_reads_costs_a_bounded_buffer(served: 
     grown = _rss(served.proc.pid) - before
     sock.close()
     assert sent < 32 * 2**20, "the server kept reading a client that never reads"
+    mib = 2**20
+    print(f"\nno-read client: {sent / mib:.1f} MiB sent before reading stopped; RSS +{grown / mib:.1f} MiB")
     assert grown <= 8 * 2**20, f"RSS grew by {grown / 2**20:.1f} MiB"
+
+
+def _fds(pid: int) -> int:
+    return len(list(Path(f"/proc/{pid}/fd").iterdir()))
+
+
+def test_an_attack_soak_keeps_memory_and_descriptors_bounded_and_answers_the_honest(
+    served: ServerProcess,
+) -> None:
+    """200 clients that pipeline and never read, 40 slowloris trickles and 8 connections
+    of pipelined garbage at once: the server's RSS and descriptors stay bounded, an
+    honest client is answered, and everything is given back afterwards."""
+    pid, host, port = served.proc.pid, served.host, served.port
+
+    async def attack() -> tuple[int, int, float, int]:
+        rss_before, fds_before = _rss(pid), _fds(pid)
+        stop = asyncio.Event()
+        writers: list[asyncio.StreamWriter] = []
+
+        async def no_reader() -> None:
+            _reader, writer = await asyncio.open_connection(host, port)
+            writers.append(writer)
+            writer.write(FRAME * 20000)  # ~1 MiB of queries, never a reply read
+
+        async def trickler() -> None:
+            _reader, writer = await asyncio.open_connection(host, port)
+            writers.append(writer)
+            writer.write(b"\xff\xff")
+            while not stop.is_set() and not writer.is_closing():
+                writer.write(b"\x00")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.2)  # the attacker's pace
+
+        async def garbage(seed: int) -> None:
+            reader, writer = await asyncio.open_connection(host, port)
+            writers.append(writer)
+            junk = random.Random(seed)
+            while not stop.is_set() and not writer.is_closing():
+                body = junk.randbytes(junk.randrange(0, 300))
+                writer.write(struct.pack("!H", len(body)) + body)
+                with contextlib.suppress(TimeoutError, ConnectionError):
+                    await asyncio.wait_for(reader.read(65536), 0.05)
+
+        attackers = [asyncio.ensure_future(no_reader()) for _ in range(200)]
+        attackers += [asyncio.ensure_future(trickler()) for _ in range(40)]
+        attackers += [asyncio.ensure_future(garbage(i)) for i in range(8)]
+        await asyncio.gather(*attackers[:200], return_exceptions=True)
+        peak_rss, peak_fds = 0, 0
+        for _ in range(10):  # 2 s under attack, sampled
+            peak_rss, peak_fds = max(peak_rss, _rss(pid)), max(peak_fds, _fds(pid))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.2)
+        started = time.monotonic()
+        answer = await _ask(port)
+        took = time.monotonic() - started
+        assert answer.answer
+        peak_rss, peak_fds = max(peak_rss, _rss(pid)), max(peak_fds, _fds(pid))
+        stop.set()
+        for writer in writers:
+            writer.close()
+        await asyncio.gather(*attackers, return_exceptions=True)
+        for _ in range(100):  # the server sees the closes asynchronously: a bounded wait
+            if _fds(pid) <= fds_before + 2:
+                break
+            await asyncio.sleep(0.05)
+        return peak_rss - rss_before, peak_fds, took, _fds(pid) - fds_before
+
+    grown, peak_fds, took, left = asyncio.run(attack())
+    print(
+        f"\nsoak: RSS +{grown / 2**20:.1f} MiB, {peak_fds} descriptors at most, honest answer in {took:.2f} s"
+    )
+    assert took < 2.0
+    assert grown <= 64 * 2**20, f"RSS grew by {grown / 2**20:.1f} MiB"
+    assert peak_fds <= 256 + 32, peak_fds  # the table's 256, listeners and the rest
+    assert left <= 2, f"{left} descriptors not given back"

@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
+import socket
 from dataclasses import dataclass
 from typing import cast
 
@@ -47,6 +49,9 @@ from horizon_dns.net.eager import start_eagerly
 from horizon_dns.net.udp import InFlight
 
 log = logging.getLogger("horizon_dns.net.tcp")
+
+#: Reply bytes one connection may produce per turn of the event loop (~300 answers).
+TURN_BUDGET = 16 * 1024
 
 
 @dataclass(slots=True)
@@ -130,7 +135,10 @@ class FramedConnection(asyncio.Protocol):
         self.closing = False
         self.timer: asyncio.TimerHandle | None = None
         self.last_active = 0.0
-        self._out: list[bytes] | None = None  # replies gathered for one write, inside data_received
+        self._out: list[bytes] | None = None  # replies gathered for one write, inside _parse
+        self._out_bytes = 0
+        #: Complete messages wait in the buffer: this turn's reply budget is spent.
+        self.backlog = False
 
     # The transport's side ------------------------------------------------------
 
@@ -151,6 +159,15 @@ class FramedConnection(asyncio.Protocol):
             transport.abort()
             return
         transport.set_write_buffer_limits(high=self.conns.limits.max_unsent)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # The kernel's buffers are unsent and unparsed bytes too, and autotuned they
+            # grow to megabytes (tcp_wmem, tcp_rmem): a client that never reads would
+            # have us answer that much first, and a read would bring us up to 256 KiB
+            # to hold. Fixed, each is max_unsent (the kernel doubles it).
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.conns.limits.max_unsent)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.conns.limits.max_unsent)
         self.last_active = asyncio.get_running_loop().time()
         self._arm(self.last_active + self.conns.limits.idle_timeout)
 
@@ -167,6 +184,8 @@ class FramedConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_blocked = False
+        if self.backlog:
+            self._resume_parsing()
         self._update_reading()
 
     def eof_received(self) -> bool:
@@ -181,20 +200,33 @@ class FramedConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing or self.transport is None:
             return
-        now = asyncio.get_running_loop().time()
-        self.last_active = now
+        self.last_active = asyncio.get_running_loop().time()
         buffer = self.buffer
         if buffer:
             buffer += data
-            if len(buffer) < self.need:
-                return  # the message is still arriving: nothing to parse, nothing copied again
+            if len(buffer) < self.need or self.backlog:
+                return  # still arriving, or waiting its turn: nothing parsed, nothing copied again
             data = bytes(buffer)
             buffer.clear()
+        self._parse(data)
+
+    def _parse(self, data: bytes) -> None:
+        """Answer the complete messages of ``data``, keep the rest in the buffer.
+
+        At most ``TURN_BUDGET`` bytes of replies per turn of the loop, and never past
+        ``max_unsent`` unsent: the rest of a long pipelined burst waits in the buffer
+        (reading paused) until the client has taken them, or the next turn -- so one
+        connection cannot hold the loop while others wait."""
+        transport = self.transport
+        assert transport is not None
+        now = asyncio.get_running_loop().time()
+        budget = min(TURN_BUDGET, self.conns.limits.max_unsent - transport.get_write_buffer_size())
         out: list[bytes] = []
         self._out = out  # replies given without waiting join one write (RFC 7766 §6.2.1.1)
+        self._out_bytes = 0
         try:
             offset, end = 0, len(data)
-            while offset + 2 <= end:
+            while offset + 2 <= end and self._out_bytes <= budget:
                 (length,) = TCP_LENGTH.unpack_from(data, offset)
                 if offset + 2 + length > end:
                     break
@@ -205,20 +237,29 @@ class FramedConnection(asyncio.Protocol):
                     return  # on_message closed the connection
         finally:
             self._out = None
+        self.need = 2 if end - offset < 2 else 2 + TCP_LENGTH.unpack_from(data, offset)[0]
+        self.backlog = end - offset >= self.need
         if offset < end:
-            buffer += data[offset:]
-            self.need = 2 if end - offset < 2 else 2 + TCP_LENGTH.unpack_from(data, offset)[0]
-            if self.message_started is None or offset:
+            self.buffer += data[offset:]
+            if not self.backlog and (self.message_started is None or offset):
                 # A new message began in this read: its deadline starts now.
                 self.message_started = now
                 self._arm(now + self.conns.limits.message_timeout)
         else:
-            self.need = 2
             self.message_started = None
-        transport = self.transport
-        if out and transport is not None:
+        if out:
             transport.write(b"".join(out))
+        if self.backlog and not self.write_blocked:
+            asyncio.get_running_loop().call_soon(self._resume_parsing)
         self._update_reading()
+
+    def _resume_parsing(self) -> None:
+        """Parse the messages a budget left waiting, once the client can take replies."""
+        if self.transport is None or self.closing or self.write_blocked or not self.backlog:
+            return
+        data = bytes(self.buffer)
+        self.buffer.clear()
+        self._parse(data)
 
     # What subclasses use ---------------------------------------------------------
 
@@ -233,6 +274,7 @@ class FramedConnection(asyncio.Protocol):
             return
         if self._out is not None:
             self._out.append(tcp_frame(reply))
+            self._out_bytes += len(reply) + 2
         else:
             transport.write(tcp_frame(reply))
         self.last_active = asyncio.get_running_loop().time()
@@ -259,8 +301,8 @@ class FramedConnection(asyncio.Protocol):
             self.transport.abort()
 
     def is_idle(self) -> bool:
-        """Nothing being answered, no message arriving: safe to close (RFC 7766 §6.2.3)."""
-        return not self.pending and self.message_started is None
+        """Nothing being answered or waiting, no message arriving: safe to close (RFC 7766 §6.2.3)."""
+        return not self.pending and not self.backlog and self.message_started is None
 
     def close_when_idle(self) -> None:
         """Stop reading; close now if nothing is pending, else after the last reply."""
@@ -278,7 +320,12 @@ class FramedConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        pause = self.closing or self.write_blocked or self.pending >= self.conns.limits.max_inflight
+        pause = (
+            self.closing
+            or self.write_blocked
+            or self.backlog
+            or self.pending >= self.conns.limits.max_inflight
+        )
         if pause and not self.paused:
             transport.pause_reading()
             self.paused = True
