@@ -13,6 +13,7 @@ for, the hot path does answer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import struct
@@ -149,6 +150,8 @@ def probes(draw: st.DrawFn, asked: list[bytes]) -> bytes:
     if asked and draw(st.booleans()):
         return again(draw(st.sampled_from(asked)), draw(st.integers(0, 0xFFFF)))
     return draw(any_query)
+
+
 AGES = [0, 0, 0.4, 1, 59.5, 61, 119, 300, 301, 4000]
 
 
@@ -174,10 +177,14 @@ def _fresh(config_path: Path, clock: FakeClock) -> Pipeline:
     return pipeline
 
 
-def _frozen(clock: FakeClock) -> Any:
+@contextlib.contextmanager
+def _frozen(clock: FakeClock) -> Iterator[None]:
     """The hot path's and the listener's clocks, frozen at ``clock``."""
-    handler = mock.patch("horizon_dns.core.handler.clock_now", clock)
-    return handler, mock.patch("horizon_dns.net.udp.clock_now", clock)
+    with (
+        mock.patch("horizon_dns.core.handler.clock_now", clock),
+        mock.patch("horizon_dns.net.udp.clock_now", clock),
+    ):
+        yield
 
 
 async def _full(handler: QueryHandler, data: bytes, transport: str) -> bytes | None:
@@ -192,15 +199,18 @@ async def _full(handler: QueryHandler, data: bytes, transport: str) -> bytes | N
     data=st.data(),
 )
 def test_hot_path_returns_nothing_or_exactly_the_full_paths_bytes(
-    config_path: Path, loop: asyncio.AbstractEventLoop, filled: list[tuple[bytes, bool]], age: float,
-    tcp: bool, data: st.DataObject,
+    config_path: Path,
+    loop: asyncio.AbstractEventLoop,
+    filled: list[tuple[bytes, bool]],
+    age: float,
+    tcp: bool,
+    data: st.DataObject,
 ) -> None:
     clock = FakeClock(real_now())
     pipeline = _fresh(config_path, clock)
     handler = QueryHandler(pipeline, nsid="node-a")
-    patches = _frozen(clock)
     probe = data.draw(probes([query for query, _tcp in filled]))
-    with patches[0], patches[1]:
+    with _frozen(clock):
         for query, over_tcp in filled:  # the cache state: what was asked before, and how
             loop.run_until_complete(_full(handler, query, "tcp" if over_tcp else "udp"))
             handler.hot_answer(query, over_tcp)  # the hot path keeps replies too
@@ -228,7 +238,11 @@ def test_hot_path_returns_nothing_or_exactly_the_full_paths_bytes(
     ],
 )
 def test_the_hot_path_does_answer_what_it_is_made_for(
-    config_path: Path, loop: asyncio.AbstractEventLoop, name: str, qtype: str, edns: tuple[int, bool] | None,
+    config_path: Path,
+    loop: asyncio.AbstractEventLoop,
+    name: str,
+    qtype: str,
+    edns: tuple[int, bool] | None,
     tcp: bool,
 ) -> None:
     import dns.message
@@ -240,8 +254,7 @@ def test_the_hot_path_does_answer_what_it_is_made_for(
     assert scan_common(data) is not None
     clock = FakeClock(real_now())
     handler = QueryHandler(_fresh(config_path, clock))
-    patches = _frozen(clock)
-    with patches[0], patches[1]:
+    with _frozen(clock):
         transport = "tcp" if tcp else "udp"
         loop.run_until_complete(_full(handler, data, transport))  # now in the cache
         clock.now += 7
@@ -342,7 +355,6 @@ def test_the_listeners_shortcuts_give_the_full_paths_bytes_to_every_client(
     hot_transport = BatchTransport(_Transport(), batch)  # type: ignore[arg-type]
     hot.transport = hot_transport  # type: ignore[assignment]
     senders: dict[bytes, Any] = {}
-    patches = _frozen(clock)
 
     async def run() -> None:
         for query in filled:
@@ -359,5 +371,5 @@ def test_the_listeners_shortcuts_give_the_full_paths_bytes_to_every_client(
                 expected = ([reply] if reply is not None else []) + full_transport.sent
                 assert batch.sent == expected, (client, datagram)
 
-    with patches[0], patches[1]:
+    with _frozen(clock):
         loop.run_until_complete(run())

@@ -266,7 +266,8 @@ class LlmnrResponder:
                 with contextlib.suppress(OSError):
                     sock.sendto(reply, source)
 
-    def _interface_of(self, local: str) -> Interface | None:
+    def interface_of(self, local: str) -> Interface | None:
+        """The interface of ours that holds address ``local`` (a connection's own end), or None."""
         try:
             ip = ipaddress.ip_address(local.split("%")[0])
         except ValueError:
@@ -314,7 +315,7 @@ class LlmnrTcpConnection(FramedConnection):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         local = transport.get_extra_info("sockname")
         self.local = str(local[0]) if local else ""
-        self.interface = self.responder._interface_of(self.local)
+        self.interface = self.responder.interface_of(self.local)
         super().connection_made(transport)
         if self.transport is None:
             self.responder.counts["tcp-over-cap"] += 1

@@ -92,7 +92,9 @@ class TcpConnections:
         return True
 
     def release(self, conn: FramedConnection) -> None:
-        if self.open.pop(conn, 0) is None:
+        """Count ``conn`` out; a second call (eviction, then connection_lost) does nothing."""
+        if conn in self.open:
+            del self.open[conn]
             self.per_client[conn.client] -= 1
             if self.per_client[conn.client] <= 0:
                 del self.per_client[conn.client]

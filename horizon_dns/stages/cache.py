@@ -220,9 +220,8 @@ class CacheStage:
         key = query_key(query)
         fresh = self.serve_fresh(key)
         if fresh is not None:
-            packed, body, _until, _entry, _age = fresh
+            packed, body, _until, entry, _age = fresh
             query.note(f"  cache hit ({len(self.entries)} entries)")
-            entry = self.entries[key]
             return Reply(
                 packed.rcode, self.name, entry.outcome, "cache:hit",
                 packed=packed.with_body(body), overlay_ttl=entry.shape[2],
